@@ -160,3 +160,21 @@ def test_plain_temperature_one_sampling_logprobs_equal_policy_logprobs():
 def test_invalid_sampling_params_name_the_field(kwargs, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)
+
+
+def test_excluding_a_dominant_token_still_draws_and_scores_exactly():
+    # EOS holds all but e^-100 of the mass and is excluded (before min_new_tokens): the draw must come
+    # from the remaining tokens, with finite, exact log-probs under both distributions.
+    z = np.zeros((2, 50), np.float32)
+    z[:, 7] = 100.0
+    z[1, 3] = 2.0
+    excluded = jnp.asarray([[7, 50]] * 2, jnp.int32)  # 50 is out of range: ignored
+    token, policy_logp, sample_logp = sample_next_token(jax.random.key(0), jnp.asarray(z), SamplingParams(), excluded)
+    assert not np.any(np.asarray(token) == 7)
+    z64 = z.astype(np.float64)
+    for row in range(2):
+        kept = np.delete(z64[row], 7)
+        t = int(token[row])
+        np.testing.assert_allclose(sample_logp[row], z64[row, t] - np.log(np.sum(np.exp(kept))), atol=1e-5)
+        np.testing.assert_allclose(policy_logp[row], z64[row, t] - (100.0 + np.log1p(np.sum(np.exp(kept - 100.0)))),
+                                   atol=1e-4)

@@ -39,3 +39,10 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.k.shape[2]
+
+    def repeat_rows(self, n: int) -> KVCache:
+        """Every row repeated n times in place (row b becomes rows b*n .. b*n + n - 1): n samples per
+        prompt share one prefill."""
+        repeat = lambda x, axis: jnp.repeat(x, n, axis=axis)
+        return self.replace(k=repeat(self.k, 1), v=repeat(self.v, 1), valid=repeat(self.valid, 0),
+                            positions=repeat(self.positions, 0))

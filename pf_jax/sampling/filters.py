@@ -98,32 +98,42 @@ def filtered_logits(logits: Array, params: SamplingParams) -> Array:
 
 
 def sample_categorical(key: Array, logits: Array) -> Array:
-    """One draw per row from softmax(logits), by inversion of the CDF with a single uniform u ~ U[0, 1):
-    token = min{i : sum_{j <= i} w_j > u * sum_j w_j}, w = exp(z - max z).
+    """One draw per row from softmax(logits), by inversion of the CDF with a single uniform u ~ U[0, 1).
+    logits: [B, V] float32 with at least one finite entry per row -> tokens int32 [B]. See draw_from_logits."""
+    return draw_from_logits(key, logits)[0]
 
-    The CDF is built in two levels (blocks of ~sqrt(V) tokens, then within the chosen block), so a
-    [B, V] row costs one exp and one sum plus two short cumulative sums, and the random-number cost is
-    B uniforms rather than B * V Gumbel variates. Tokens with w = 0 (logit -inf) are never drawn.
-    logits: [B, V] float32 with at least one finite entry per row -> tokens int32 [B].
+
+def draw_from_logits(key: Array, logits: Array, excluded_tokens: Array | None = None) -> tuple[Array, Array]:
+    """Draw y ~ softmax(z) over the tokens not excluded, and return (y int32 [B], log sum_{kept} exp z [B]).
+
+    Inversion of the CDF with one uniform u per row: y = min{i : sum_{j <= i} w_j > u * sum_j w_j},
+    w = exp(z - max z) on kept tokens (0 for excluded ones and z = -inf). The CDF is built in two levels:
+    blocks of ~sqrt(V) tokens, then the chosen block. The [B, V] logits are read twice (the maximum, then
+    the exponentials summed per block, in one fused pass) and nothing of size V is written, so the draw
+    costs two memory passes over the logits plus B uniforms (a Gumbel-max draw needs B * V variates).
+    excluded_tokens: optional int32 [B, K] ids to leave out (ids outside [0, V) are ignored); each row
+    must keep a token with a finite logit.
     """
-    return _draw_by_inverse_cdf(key, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)))
-
-
-def _draw_by_inverse_cdf(key: Array, weights: Array) -> Array:
-    """sample_categorical on unnormalised weights w [B, V] >= 0 (each row with some w > 0) -> int32 [B]."""
-    b, v = weights.shape
+    b, v = logits.shape
     block = 1 << max(0, math.ceil(math.log2(math.sqrt(v))))
     num_blocks = -(-v // block)
-    w = jnp.pad(weights, ((0, 0), (0, num_blocks * block - v))).reshape(b, num_blocks, block)
-    block_mass = jnp.sum(w, axis=-1)  # [B, NB]
+    z = jnp.pad(logits.astype(jnp.float32), ((0, 0), (0, num_blocks * block - v)), constant_values=-jnp.inf)
+    z = z.reshape(b, num_blocks, block)
+    if excluded_tokens is not None:  # elementwise, so it fuses into both passes below
+        ids = jnp.arange(num_blocks * block, dtype=jnp.int32).reshape(num_blocks, block)
+        for k in range(excluded_tokens.shape[1]):
+            z = jnp.where(ids == excluded_tokens[:, k, None, None], -jnp.inf, z)
+    z_max = jnp.max(z, axis=(1, 2))  # [B]
+    block_mass = jnp.sum(jnp.exp(z - z_max[:, None, None]), axis=-1)  # [B, NB]
     block_cdf = jnp.cumsum(block_mass, axis=-1)
-    target = jax.random.uniform(key, (b, 1)) * block_cdf[:, -1:]
-    chosen_block = _first_true_or_last_positive(block_cdf > target, block_mass)
-    in_block = jnp.take_along_axis(w, chosen_block[:, None, None], axis=1)[:, 0]  # [B, block]
+    total = block_cdf[:, -1]
+    target = jax.random.uniform(key, (b,)) * total
+    chosen_block = _first_true_or_last_positive(block_cdf > target[:, None], block_mass)
+    in_block = jnp.exp(jnp.take_along_axis(z, chosen_block[:, None, None], axis=1)[:, 0] - z_max[:, None])
     below = jnp.take_along_axis(block_cdf - block_mass, chosen_block[:, None], axis=1)  # exclusive cdf
     inner_cdf = jnp.cumsum(in_block, axis=-1)
-    chosen = _first_true_or_last_positive((inner_cdf > target - below) & (in_block > 0), in_block)
-    return (chosen_block * block + chosen).astype(jnp.int32)
+    chosen = _first_true_or_last_positive((inner_cdf > target[:, None] - below) & (in_block > 0), in_block)
+    return (chosen_block * block + chosen).astype(jnp.int32), z_max + jnp.log(total)
 
 
 def _first_true_or_last_positive(hit: Array, weight: Array) -> Array:
@@ -139,30 +149,31 @@ def sample_next_token(key: Array, logits: Array, params: SamplingParams,
                       excluded_tokens: Array | None = None) -> tuple[Array, Array, Array]:
     """Draw y ~ softmax(filtered_logits(z)) and score it.
 
-    logits: [B, V]; excluded_tokens: optional int32 [B, K] token ids whose sampling logit is set to -inf
-    before filtering (ids outside [0, V) are ignored), e.g. EOS before min_new_tokens.
+    logits: [B, V]; excluded_tokens: optional int32 [B, K] distinct token ids whose sampling logit is set
+    to -inf before filtering (ids outside [0, V) are ignored), e.g. EOS before min_new_tokens.
     Returns (token int32 [B], log pi(y) under the unmodified policy softmax(z) [B], log q(y) under the
     sampling distribution actually used [B]; 0 for greedy).
     """
     z = logits.astype(jnp.float32)
-    z_max = jnp.max(z, axis=-1, keepdims=True)
-    unnormalised = jnp.exp(z - z_max)  # one pass over [B, V], shared by the policy norm and the plain draw
-    policy_norm = z_max[:, 0] + jnp.log(jnp.sum(unnormalised, axis=-1))
     rows = jnp.arange(z.shape[0])[:, None]
+    z_y = lambda token: jnp.take_along_axis(z, token[:, None], axis=-1)[:, 0]
     if not params.greedy and not params.truncates and params.temperature == 1.0:  # the policy itself
-        w = unnormalised if excluded_tokens is None else unnormalised.at[rows, excluded_tokens].set(0.0, mode="drop")
-        token = _draw_by_inverse_cdf(key, w)
-        policy_logp = jnp.take_along_axis(z, token[:, None], axis=-1)[:, 0] - policy_norm
+        token, log_norm = draw_from_logits(key, z, excluded_tokens)
         if excluded_tokens is None:
-            return token, policy_logp, policy_logp
-        return token, policy_logp, policy_logp + policy_norm - z_max[:, 0] - jnp.log(jnp.sum(w, axis=-1))
+            return token, z_y(token) - log_norm, z_y(token) - log_norm
+        # The policy's normaliser adds the excluded tokens' mass back: a gather of K logits, not a pass.
+        in_range = (excluded_tokens >= 0) & (excluded_tokens < z.shape[-1])
+        z_excluded = jnp.where(in_range, jnp.take_along_axis(z, jnp.clip(excluded_tokens, 0, z.shape[-1] - 1), -1),
+                               -jnp.inf)
+        policy_norm = jnp.logaddexp(log_norm, jax.nn.logsumexp(z_excluded, axis=-1))
+        return token, z_y(token) - policy_norm, z_y(token) - log_norm
+    policy_norm = jax.nn.logsumexp(z, axis=-1)
     zs = z if excluded_tokens is None else z.at[rows, excluded_tokens].set(-jnp.inf, mode="drop")
     if params.greedy:
         token = jnp.argmax(zs, axis=-1).astype(jnp.int32)
         sample_logp = jnp.zeros(z.shape[:1], jnp.float32)
     else:
         zq = filtered_logits(zs, params)
-        token = sample_categorical(key, zq)
-        sample_logp = jnp.take_along_axis(zq, token[:, None], axis=-1)[:, 0] - jax.nn.logsumexp(zq, axis=-1)
-    policy_logp = jnp.take_along_axis(z, token[:, None], axis=-1)[:, 0] - policy_norm
-    return token, policy_logp, sample_logp
+        token, sample_norm = draw_from_logits(key, zq)
+        sample_logp = jnp.take_along_axis(zq, token[:, None], axis=-1)[:, 0] - sample_norm
+    return token, z_y(token) - policy_norm, sample_logp

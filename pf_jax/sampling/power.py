@@ -157,9 +157,8 @@ def _power_generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mas
     model = nnx.merge(graphdef, state)
     cache = KVCache.init(model.cfg, tokens.shape[0], tokens.shape[1] + config.max_new_tokens, model.dtype)
     hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
+    cache = cache.repeat_rows(n)
     repeat = lambda x: jnp.repeat(x, n, axis=0)
-    cache = cache.replace(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
-                          valid=repeat(cache.valid), positions=repeat(cache.positions))
     prompt_lengths = repeat(jnp.sum(mask, axis=-1).astype(jnp.int32))
     propose = kv_cache_suffix_proposer(model, repeat(hidden[:, -1]), cache, prompt_lengths,
                                        power.proposal(config.sampling),

@@ -110,10 +110,8 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Arra
     model = nnx.merge(graphdef, state)
     cache = KVCache.init(model.cfg, tokens.shape[0], cache_len, model.dtype)
     hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
-    repeat = lambda x: jnp.repeat(x, n, axis=0)
-    cache = cache.replace(k=jnp.repeat(cache.k, n, axis=1), v=jnp.repeat(cache.v, n, axis=1),
-                          valid=repeat(cache.valid), positions=repeat(cache.positions))
-    return repeat(hidden[:, -1]), cache
+    cache = cache.repeat_rows(n)
+    return jnp.repeat(hidden[:, -1], n, axis=0), cache
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
@@ -128,7 +126,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
     model = nnx.merge(graphdef, state)
     batch, steps, pad = hidden.shape[0], config.max_new_tokens, config.pad_token_id
     eos, stop = jnp.asarray(config.eos_token_ids, jnp.int32), jnp.asarray(config.stop_token_ids, jnp.int32)
-    ends = config.eos_token_ids + config.stop_token_ids
+    ends = tuple(sorted(set(config.eos_token_ids + config.stop_token_ids)))  # distinct: see sample_next_token
 
     def emit(i: Array, hidden: Array, carry: dict[str, Array]) -> dict[str, Array]:
         excluded = None
