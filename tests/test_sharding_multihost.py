@@ -7,7 +7,6 @@ timeout that kills the whole process group.
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 
 from pf_jax.sharding.distributed import DistributedSetupError, detect_cluster, initialize_distributed
+from tests.subprocesses import run_in_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ROOT / "launch" / "local.sh"
@@ -37,15 +37,7 @@ def launch(n: int, devices: int | None, *command: str, timeout: int = 300) -> su
     if devices:
         args += ["-d", str(devices)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([*args, "--", *command], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{command} did not finish in {timeout}s; stderr tail:\n{err[-3000:]}")
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+    return run_in_process_group([*args, "--", *command], cwd=ROOT, env=env, timeout=timeout, label=command)
 
 
 def worker(n: int, devices: int, *args: str) -> dict:

@@ -8,14 +8,14 @@ recipe is the arithmetic SFT base recipe shrunk to a 2-layer, 32-wide decoder an
 
 import json
 import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file
+
+from tests.subprocesses import run_in_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL = ROOT / "launch" / "local.sh"
@@ -32,16 +32,9 @@ def run(command: list[str], *, devices: int = 1, timeout: int = 300) -> str:
     env.pop("XLA_FLAGS", None)
     if devices > 1:
         env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"{command[-3:]} did not finish in {timeout}s; stderr tail:\n{err[-3000:]}")
-    assert proc.returncode == 0, err[-4000:]
-    return out
+    proc = run_in_process_group(command, cwd=ROOT, env=env, timeout=timeout, label=command[-3:])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc.stdout
 
 
 def train(runs: Path, name: str, *extra: str, devices: int = 1, launcher: list[str] | None = None) -> str:

@@ -34,7 +34,7 @@ from pf_jax.config import ConfigError
 from pf_jax.models.config import ModelConfig
 from pf_jax.sharding.memory_plan import MemoryPlan, format_plan, plan_memory
 from pf_jax.training.methods import method_spec
-from pf_jax.training.model_source import ARITH_BASE, ARITH_BASE_RECIPE, CONFIGS_DIR, arith_base_directory
+from pf_jax.training.model_source import ARITH_BASE, ARITH_BASE_RECIPE, CONFIGS_DIR, built_in_base_directory
 from pf_jax.training.recipe import ModelSection, TrainConfig
 
 MODEL_CONFIGS_DIR = CONFIGS_DIR / "models"
@@ -57,7 +57,7 @@ def recipe_model_config(section: ModelSection, *, runs_dir: str | Path = "runs")
     if name == "tiny":
         return _tiny_config(section)
     if name == ARITH_BASE:
-        exported = arith_base_directory(runs_dir) / "config.json"
+        exported = built_in_base_directory(ARITH_BASE, runs_dir) / "config.json"
         if exported.is_file():
             return ModelConfig.from_hf(json.loads(exported.read_text()))
         from pf_jax.config import load_config

@@ -22,39 +22,32 @@ MAZE_BASE = "maze-base"
 MAZE_BASE_RECIPE = CONFIGS_DIR / "rewardflow" / "maze_base.yaml"
 
 
-def arith_base_directory(runs_dir: str | Path) -> Path:
-    """Where the built-in arithmetic base model is exported (it is an ordinary run of the trainer)."""
-    return Path(runs_dir) / ARITH_BASE / "export"
+# Built-in base models: each is an ordinary trainer run of its recipe, built on first use. name -> (recipe,
+# what it is, for the message printed while it is built).
+BUILT_IN_BASES = {
+    ARITH_BASE: (ARITH_BASE_RECIPE, "arithmetic base model"),
+    MAZE_BASE: (MAZE_BASE_RECIPE, "maze warm-start policy"),
+}
 
 
-def ensure_arith_base(runs_dir: str | Path) -> Path:
-    """Train the arithmetic base model with configs/arith/base.yaml unless its export already exists."""
-    directory = arith_base_directory(runs_dir)
+def built_in_base_directory(name: str, runs_dir: str | Path) -> Path:
+    """Where the built-in base model `name` is exported."""
+    return Path(runs_dir) / name / "export"
+
+
+def ensure_built_in_base(name: str, runs_dir: str | Path) -> Path:
+    """Train the built-in base model `name` with its recipe unless runs_dir/name/export already holds it."""
+    recipe, what = BUILT_IN_BASES[name]
+    directory = built_in_base_directory(name, runs_dir)
     if not (directory / "config.json").is_file():
         from pf_jax.config import load_config
         from pf_jax.training.recipe import TrainConfig
         from pf_jax.training.trainer import train
 
-        if not ARITH_BASE_RECIPE.is_file():
-            raise FileNotFoundError(f"the arith-base recipe {ARITH_BASE_RECIPE} is missing from this checkout")
-        print(f"[pf_jax] building the arithmetic base model ({ARITH_BASE_RECIPE.name}) into {directory.parent}")
-        train(load_config(TrainConfig, ARITH_BASE_RECIPE, [f"logging.runs_dir={runs_dir}"]))
-    return directory
-
-
-def ensure_maze_base(runs_dir: str | Path) -> Path:
-    """Train the maze warm-start policy (SFT on random-walk turns, configs/rewardflow/maze_base.yaml)
-    unless its export already exists under runs_dir/maze-base/export."""
-    directory = Path(runs_dir) / MAZE_BASE / "export"
-    if not (directory / "config.json").is_file():
-        from pf_jax.config import load_config
-        from pf_jax.training.recipe import TrainConfig
-        from pf_jax.training.trainer import train
-
-        if not MAZE_BASE_RECIPE.is_file():
-            raise FileNotFoundError(f"the maze-base recipe {MAZE_BASE_RECIPE} is missing from this checkout")
-        print(f"[pf_jax] building the maze warm-start policy ({MAZE_BASE_RECIPE.name}) into {directory.parent}")
-        train(load_config(TrainConfig, MAZE_BASE_RECIPE, [f"logging.runs_dir={runs_dir}"]))
+        if not recipe.is_file():
+            raise FileNotFoundError(f"the {name} recipe {recipe} is missing from this checkout")
+        print(f"[pf_jax] building the {what} ({recipe.name}) into {directory.parent}")
+        train(load_config(TrainConfig, recipe, [f"logging.runs_dir={runs_dir}"]))
     return directory
 
 
@@ -86,10 +79,8 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
         )
         model = Decoder(config, rngs=nnx.Rngs(t.init_seed), dtype=dtype, param_dtype=param_dtype, remat=cfg.remat)
         return model, codec
-    if name == ARITH_BASE:
-        name = str(ensure_arith_base(runs_dir))
-    if name == MAZE_BASE:
-        name = str(ensure_maze_base(runs_dir))
+    if name in BUILT_IN_BASES:
+        name = str(ensure_built_in_base(name, runs_dir))
     path = Path(name)
     if path.is_dir():
         model = load_hf_directory(path, dtype=dtype, param_dtype=param_dtype)
