@@ -14,16 +14,11 @@ import difflib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-import langdetect
-
 from pf_jax.rewards.nltk_offline_data import (
     NltkDataMissingError,
     ensure_nltk_offline_data,
     nltk_downloads_disabled,
 )
-
-# langdetect samples internally; a fixed seed makes language checks (and so rewards) reproducible.
-langdetect.DetectorFactory.seed = 0
 
 SOFT_CONSTRAINT_ID = "soft:text"
 RELATIONS = ("less than", "at least")
@@ -172,6 +167,11 @@ def validate_kwargs(type_id: str, kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _checker_class(ctype: ConstraintType) -> type:
+    """The if-verifiable checker class of a hard constraint (imported here: `extras` dependencies)."""
+    import langdetect
+
+    # langdetect samples internally; a fixed seed makes language checks (and so rewards) reproducible.
+    langdetect.DetectorFactory.seed = 0
     if ctype.source == "ifeval":
         from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
     else:
