@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +72,10 @@ def _top_p_keep(logp: Array, top_p: float) -> Array:
     return bits >= lo
 
 
-def filtered_logits(logits: Array, params: SamplingParams) -> Array:
+RowWise = Callable[[Callable[[Array], Array]], Callable[[Array], Array]]
+
+
+def filtered_logits(logits: Array, params: SamplingParams, *, rowwise: RowWise | None = None) -> Array:
     """Logits of the sampling distribution: z' = z / T on the kept tokens, -inf elsewhere.
 
     logits: [B, V] float32 -> [B, V] float32; softmax(z') is the distribution actually sampled from.
@@ -80,6 +84,8 @@ def filtered_logits(logits: Array, params: SamplingParams) -> Array:
         (Holtzman et al. 2020, "The Curious Case of Neural Text Degeneration").
     min-p: keep p_i >= min_p * max_j p_j (Nguyen et al. 2024, "Turning Up the Heat: Min-p Sampling").
     Greedy (temperature 0) keeps only the argmax (first index among ties), with the argmax's logit 0.
+    rowwise: wraps the row-wise top-k (e.g. pf_jax.sampling.layout.RowLayout.rowwise: one call per row
+    shard, since XLA's partitioner would gather a batch-split operand of lax.top_k); None = direct.
     """
     z = logits.astype(jnp.float32)
     neg_inf = jnp.asarray(-jnp.inf, jnp.float32)
@@ -88,7 +94,7 @@ def filtered_logits(logits: Array, params: SamplingParams) -> Array:
         return jnp.where(jnp.arange(z.shape[-1])[None, :] == best[:, None], 0.0, neg_inf)
     z = z / params.temperature
     if params.top_k > 0 and params.top_k < z.shape[-1]:
-        kth = jax.lax.top_k(z, params.top_k)[0][:, -1:]
+        kth = (rowwise or (lambda f: f))(lambda x: jax.lax.top_k(x, params.top_k)[0][:, -1:])(z)
         z = jnp.where(z >= kth, z, neg_inf)
     if params.top_p < 1.0:
         z = jnp.where(_top_p_keep(jax.nn.log_softmax(z, axis=-1), params.top_p), z, neg_inf)
@@ -145,14 +151,14 @@ def _first_true_or_last_positive(hit: Array, weight: Array) -> Array:
     return jnp.where(first_hit < n, first_hit, last_positive)
 
 
-def sample_next_token(key: Array, logits: Array, params: SamplingParams,
-                      excluded_tokens: Array | None = None) -> tuple[Array, Array, Array]:
+def sample_next_token(key: Array, logits: Array, params: SamplingParams, excluded_tokens: Array | None = None,
+                      *, rowwise: RowWise | None = None) -> tuple[Array, Array, Array]:
     """Draw y ~ softmax(filtered_logits(z)) and score it.
 
     logits: [B, V]; excluded_tokens: optional int32 [B, K] distinct token ids whose sampling logit is set
     to -inf before filtering (ids outside [0, V) are ignored), e.g. EOS before min_new_tokens.
     Returns (token int32 [B], log pi(y) under the unmodified policy softmax(z) [B], log q(y) under the
-    sampling distribution actually used [B]; 0 for greedy).
+    sampling distribution actually used [B]; 0 for greedy). rowwise: see filtered_logits.
     """
     z = logits.astype(jnp.float32)
     rows = jnp.arange(z.shape[0])[:, None]
@@ -173,7 +179,7 @@ def sample_next_token(key: Array, logits: Array, params: SamplingParams,
         token = jnp.argmax(zs, axis=-1).astype(jnp.int32)
         sample_logp = jnp.zeros(z.shape[:1], jnp.float32)
     else:
-        zq = filtered_logits(zs, params)
+        zq = filtered_logits(zs, params, rowwise=rowwise)
         token, sample_norm = draw_from_logits(key, zq)
         sample_logp = jnp.take_along_axis(zq, token[:, None], axis=-1)[:, 0] - sample_norm
     return token, z_y(token) - policy_norm, sample_logp

@@ -28,7 +28,6 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax import Array
 
@@ -36,6 +35,7 @@ from pf_jax.models.decoder import Decoder
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.models.logprobs import positions_from_mask
 from pf_jax.sampling.filters import SamplingParams, sample_next_token
+from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.power_math import ChainState, ProposeSuffix, power_sample
 from pf_jax.sampling.prompts import bucket_length, left_pad
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
@@ -66,14 +66,15 @@ class PowerSamplingConfig:
 
 
 def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache: KVCache, prompt_lengths: Array,
-                             proposal: SamplingParams, end_token_ids: Sequence[int], pad_token_id: int
-                             ) -> ProposeSuffix:
+                             proposal: SamplingParams, end_token_ids: Sequence[int], pad_token_id: int,
+                             layout: RowLayout | None = None) -> ProposeSuffix:
     """The ``ProposeSuffix`` (see power_math) of a Decoder, for use inside a traced function.
 
     prompt_hidden: [N, D] final hidden state after each row's last prompt token; prompt_cache: the
     prompts' KV cache (batch N, index at the padded prompt length, room for the response);
     prompt_lengths: int32 [N] real prompt tokens (RoPE position of response token t = length + t).
     end_token_ids: EOS and stop ids (a response ends after emitting one, which stays in it).
+    layout: how the rows are split over devices (pf_jax.sampling.layout; None = not split).
     """
     ends = jnp.asarray(tuple(end_token_ids), jnp.int32)
 
@@ -82,7 +83,8 @@ def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache:
 
         def emit(t: Array, hidden: Array, carry: dict[str, Array]) -> dict[str, Array]:
             logits = model.logits(hidden[:, None])[:, 0]  # [N, V]
-            drawn, logp_drawn, logq_drawn = sample_next_token(jax.random.fold_in(key, t), logits, proposal)
+            drawn, logp_drawn, logq_drawn = sample_next_token(jax.random.fold_in(key, t), logits, proposal,
+                                                                rowwise=None if layout is None else layout.rowwise)
             column = lambda x: jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
             resample = t >= start
             exists = jnp.where(resample, carry["alive"] & (t < end), column(state.mask))
@@ -136,33 +138,31 @@ def power_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array,
     config = config.resolved(model)
     longest = max((len(p) for p in prompts), default=0)
     length = bucket_length(longest, minimum=config.min_prompt_bucket)
-    tokens, mask = left_pad(prompts, length=length, pad_token_id=config.pad_token_id)
     if length + config.max_new_tokens > model.cfg.max_position_embeddings:
         raise ValueError(f"padded prompt length {length} + max_new_tokens {config.max_new_tokens} exceeds the "
                          f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
     graphdef, state = nnx.split(model)
-    out, acceptance = _power_generate(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), key,
-                                      config=config, power=power, n=n)
-    result = SampleResult(prompt_tokens=jnp.asarray(np.repeat(tokens, n, axis=0)),
-                          prompt_mask=jnp.asarray(np.repeat(mask, n, axis=0)),
-                          prompt_index=jnp.asarray(np.repeat(np.arange(len(prompts), dtype=np.int32), n)), **out)
-    return result, acceptance
+    layout = RowLayout.of(state)  # weights on a multi-device mesh: rows split over its batch axes
+    tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id)
+    out, acceptance = _power_generate(graphdef, state, *layout.place_rows((tokens, mask)), key,
+                                      config=config, power=power, n=n, layout=layout)
+    return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n), acceptance[: len(prompts) * n]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config", "power", "n"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "power", "n", "layout"))
 def _power_generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array, key: Array, *,
-                    config: GenerationConfig, power: PowerSamplingConfig, n: int
+                    config: GenerationConfig, power: PowerSamplingConfig, n: int, layout: RowLayout
                     ) -> tuple[dict[str, Array], Array]:
     """Prefill the left-padded prompts [B, P], repeat each row n times, run ``power_sample``."""
     model = nnx.merge(graphdef, state)
     cache = KVCache.init(model.cfg, tokens.shape[0], tokens.shape[1] + config.max_new_tokens, model.dtype)
     hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
-    cache = cache.repeat_rows(n)
-    repeat = lambda x: jnp.repeat(x, n, axis=0)
+    cache = layout.constrain_cache(cache.repeat_rows(n))
+    repeat = lambda x: layout.constrain_rows(jnp.repeat(x, n, axis=0))
     prompt_lengths = repeat(jnp.sum(mask, axis=-1).astype(jnp.int32))
     propose = kv_cache_suffix_proposer(model, repeat(hidden[:, -1]), cache, prompt_lengths,
                                        power.proposal(config.sampling),
-                                       config.eos_token_ids + config.stop_token_ids, config.pad_token_id)
+                                       config.eos_token_ids + config.stop_token_ids, config.pad_token_id, layout)
     chains, acceptance = power_sample(key, propose, tokens.shape[0] * n, config.max_new_tokens,
                                       power.block_size, power.mcmc_steps, power.alpha)
     lengths = jnp.sum(chains.mask, axis=-1).astype(jnp.int32)

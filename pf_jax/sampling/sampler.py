@@ -22,6 +22,7 @@ from pf_jax.models.decoder import Decoder, with_layer_layout
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.models.logprobs import positions_from_mask
 from pf_jax.sampling.filters import SamplingParams, sample_next_token
+from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.prompts import bucket_length, left_pad
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
 
@@ -76,6 +77,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
     `with_layer_layout(model, scan_layers=False)` once per set of weights): XLA on CPU copies each
     scanned layer's weights out of the stack at every decode step. A scanned model is converted here,
     at every call (a copy of its layer weights).
+    Weights on a mesh of several devices: the rows are split over its batch axes (see
+    pf_jax.sampling.layout); the result is the same as on one device.
     Reproducible: the same weights, prompts, key and config give the same result.
     """
     if n < 1:
@@ -85,38 +88,35 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
     config = config.resolved(model)
     longest = max((len(p) for p in prompts), default=0)
     length = bucket_length(longest, minimum=config.min_prompt_bucket)
-    tokens, mask = left_pad(prompts, length=length, pad_token_id=config.pad_token_id)
     if length + config.max_new_tokens > model.cfg.max_position_embeddings:
         raise ValueError(f"padded prompt length {length} + max_new_tokens {config.max_new_tokens} exceeds the "
                          f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
     graphdef, state = nnx.split(model)
-    hidden, cache = _prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask),
-                             cache_len=length + config.max_new_tokens, n=n)
-    prompt_lengths = jnp.asarray(np.repeat(mask.sum(-1), n), jnp.int32)
-    out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, config=config)
-    return SampleResult(
-        prompt_tokens=jnp.asarray(np.repeat(tokens, n, axis=0)),
-        prompt_mask=jnp.asarray(np.repeat(mask, n, axis=0)),
-        prompt_index=jnp.asarray(np.repeat(np.arange(len(prompts), dtype=np.int32), n)),
-        **out,
-    )
+    layout = RowLayout.of(state)
+    tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id)
+    hidden, cache = _prefill(graphdef, state, *layout.place_rows((tokens, mask)),
+                             cache_len=length + config.max_new_tokens, n=n, layout=layout)
+    prompt_lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
+    out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, config=config, layout=layout)
+    return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "n"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "n", "layout"))
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array, *, cache_len: int,
-             n: int) -> tuple[Array, KVCache]:
+             n: int, layout: RowLayout) -> tuple[Array, KVCache]:
     """Run the left-padded prompts [B, P] through the model into a fresh cache of cache_len slots, then
-    repeat every row n times. Returns (last hidden state [B*n, D], cache with batch B*n)."""
+    repeat every row n times. Returns (last hidden state [B*n, D], cache with batch B*n), rows laid out
+    by `layout`."""
     model = nnx.merge(graphdef, state)
     cache = KVCache.init(model.cfg, tokens.shape[0], cache_len, model.dtype)
     hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
-    cache = cache.repeat_rows(n)
-    return jnp.repeat(hidden[:, -1], n, axis=0), cache
+    cache = layout.constrain_cache(cache.repeat_rows(n))
+    return layout.constrain_rows(jnp.repeat(hidden[:, -1], n, axis=0)), cache
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "config"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"), donate_argnames=("cache",))
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCache, prompt_lengths: Array,
-            key: Array, *, config: GenerationConfig) -> tuple[dict[str, Array], KVCache]:
+            key: Array, *, config: GenerationConfig, layout: RowLayout) -> tuple[dict[str, Array], KVCache]:
     """Emit up to max_new_tokens tokens per row in a lax.while_loop that stops once every row has ended.
 
     hidden: [N, D] state after the last prompt token; prompt_lengths: int32 [N] real prompt tokens (the
@@ -134,7 +134,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
             ids = jnp.where(i < config.min_new_tokens, jnp.asarray(ends, jnp.int32), model.cfg.vocab_size)
             excluded = jnp.broadcast_to(ids, (batch, len(ends)))
         token, policy_logp, sample_logp = sample_next_token(
-            jax.random.fold_in(key, i), model.logits(hidden[:, None])[:, 0], config.sampling, excluded)
+            jax.random.fold_in(key, i), model.logits(hidden[:, None])[:, 0], config.sampling, excluded,
+            rowwise=layout.rowwise)
         active = ~carry["done"]
         is_eos, is_stop = jnp.isin(token, eos), jnp.isin(token, stop)
         ended = active & (is_eos | is_stop)
@@ -159,7 +160,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         previous = jax.lax.dynamic_index_in_dim(carry["tokens"], i - 1, axis=1, keepdims=True)  # [N, 1]
         # A finished row keeps decoding its pad token (static shapes); its outputs are masked in emit.
         h, cache = model(previous, (prompt_lengths + i - 1)[:, None], None, carry["cache"])
-        return emit(i, h[:, 0], dict(carry, cache=cache))
+        return emit(i, h[:, 0], dict(carry, cache=layout.constrain_cache(cache)))
 
     carry = dict(
         i=jnp.zeros((), jnp.int32),
@@ -172,6 +173,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         finish_reason=jnp.full((batch,), FINISH_LENGTH, jnp.int32),
         done=jnp.zeros((batch,), bool),
     )
+    rows = {name: value for name, value in carry.items() if name not in ("i", "cache")}
+    carry = dict(carry, **layout.constrain_rows(rows))
     carry = jax.lax.while_loop(keep_going, step, emit(carry["i"], hidden, carry))
     names = ("tokens", "response_mask", "lengths", "finish_reason", "policy_logprobs", "sampling_logprobs")
     return {name: carry[name] for name in names}, carry["cache"]

@@ -7,7 +7,8 @@
                      global batch is assembled with jax.make_array_from_process_local_data, rows of
                      process p = rows [p*b, (p+1)*b) of the global batch
     sampler layout   one explicit transfer per rollout: single process, the weights move to the sampler
-                     rules (no fsdp, tensor kept) on the same mesh; several processes, each process gets a
+                     rules (no fsdp, tensor kept) on the same mesh, where the sampler splits its rows
+                     over (data, fsdp) (pf_jax.sampling.layout); several processes, each process gets a
                      whole copy on its first local device and samples its own prompts there (the sampler
                      code is per-process Python: prompts differ between processes). With mixed precision
                      (`sampler_dtype`) the policy's weight matrices travel in the compute dtype: the decoder
