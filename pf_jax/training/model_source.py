@@ -85,8 +85,10 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
     if path.is_dir():
         model = load_hf_directory(path, dtype=dtype, param_dtype=param_dtype)
         codec = load_codec(path, chat_template=cfg.chat_template, eos_ids=model.cfg.eos_token_ids)
-        return model, codec
-    from pf_jax.models.registry import load_model
+    else:
+        from pf_jax.models.registry import load_model
 
-    model, tokenizer = load_model(name, dtype=dtype, param_dtype=param_dtype)
-    return model, HFCodec(tokenizer, chat_template=cfg.chat_template, eos_ids=model.cfg.eos_token_ids)
+        model, tokenizer = load_model(name, dtype=dtype, param_dtype=param_dtype)
+        codec = HFCodec(tokenizer, chat_template=cfg.chat_template, eos_ids=model.cfg.eos_token_ids)
+    model.remat = cfg.remat  # rematerialise each layer in the backward pass (a static attribute of the graph)
+    return model, codec
