@@ -89,9 +89,13 @@ def test_reward_model_export_errors_name_the_file(tmp_path):
 
 
 def test_frozen_backbone_trains_the_head_only(tmp_path):
+    """Frozen means untouched by every part of the update, AdamW's decoupled weight decay included, and
+    no optimizer moments are kept for the backbone."""
     trainer = _trainer(tmp_path, "frozen", *REWARD_MODEL, "steps=1", "export=false", "eval.enabled=false",
-                       "reward_model.freeze_backbone=true")
+                       "reward_model.freeze_backbone=true", "optimizer.name=adamw", "optimizer.weight_decay=0.1")
     before = _host(trainer.state.params)
+    size = lambda tree: sum(np.size(x) for x in jax.tree_util.tree_leaves(tree))
+    assert size(trainer.state.opt_state) < 3 * size(before["classifier"]) + 100  # Adam m, v of the head only
     trainer.run()
     assert _changed(before["classifier"], trainer.state.params["classifier"])
     assert not _changed(before["policy"], trainer.state.params["policy"])

@@ -59,6 +59,7 @@ def build_optimizer(
     total_steps: int,
     param_labels: Any | Callable[[Any], Any] | None = None,
     decay_mask: Any | Callable[[Any], Any] | None = None,
+    frozen_groups: frozenset[str] = frozenset(),
 ) -> optax.GradientTransformation:
     """The optax transformation: clip by global norm (over all parameters), then the chosen update rule.
 
@@ -66,23 +67,26 @@ def build_optimizer(
     pytree), each group gets the same rule with its own peak learning rate via `optax.multi_transform`:
     `cfg.group_lr[label]`, or `cfg.lr` for labels not listed (e.g. `"default"`). A `group_lr` entry that
     no label uses is a ConfigError at `init`. `decay_mask` (pytree of bools or function) selects which
-    parameters weight decay applies to (all by default).
+    parameters weight decay applies to (all by default). `frozen_groups`: labels whose update is zero
+    (optax.set_to_zero: no optimizer state, no weight decay), e.g. a frozen backbone.
     """
     if param_labels is None:
+        if frozen_groups:
+            raise ValueError(f"frozen_groups {sorted(frozen_groups)} need param_labels")
         if cfg.group_lr:
             raise ConfigError(
                 f"optimizer.group_lr names groups {sorted(cfg.group_lr)} but the trainer gave no parameter labels"
             )
         rule = _base_optimizer(cfg, learning_rate_schedule(cfg, total_steps), decay_mask)
     else:
-        rule = _grouped_optimizer(cfg, total_steps, param_labels, decay_mask)
+        rule = _grouped_optimizer(cfg, total_steps, param_labels, decay_mask, frozen_groups)
     if cfg.grad_clip_norm is None:
         return rule
     return optax.chain(optax.clip_by_global_norm(cfg.grad_clip_norm), rule)
 
 
 def _grouped_optimizer(
-    cfg: OptimizerConfig, total_steps: int, param_labels: Any, decay_mask: Any
+    cfg: OptimizerConfig, total_steps: int, param_labels: Any, decay_mask: Any, frozen_groups: frozenset[str]
 ) -> optax.GradientTransformation:
     def labels_of(params: Any) -> Any:
         return param_labels(params) if callable(param_labels) else param_labels
@@ -95,7 +99,7 @@ def _grouped_optimizer(
                 f"optimizer.group_lr names groups {unused} that no parameter has; labels are {sorted(names)}"
             )
         return {
-            name: _base_optimizer(
+            name: optax.set_to_zero() if name in frozen_groups else _base_optimizer(
                 cfg, learning_rate_schedule(cfg, total_steps, cfg.group_lr.get(name, cfg.lr)), decay_mask
             )
             for name in sorted(names)

@@ -164,7 +164,9 @@ class Trainer:
 
         r = cfg.rollout
         self.updates_per_step = (r.updates_per_batch * r.minibatches) if self.sampling else 1
-        self.tx = build_optimizer(cfg.optimizer, cfg.steps * self.updates_per_step, param_labels=_label_tree(params))
+        frozen = frozenset({"policy"}) if spec.family == "reward_model" and cfg.reward_model.freeze_backbone else frozenset()
+        self.tx = build_optimizer(cfg.optimizer, cfg.steps * self.updates_per_step, param_labels=_label_tree(params),
+                                  frozen_groups=frozen)
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                                 rng=jax.random.key(cfg.seed))
         compute = jnp.bfloat16 if (cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32") else None
