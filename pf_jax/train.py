@@ -34,9 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plan(cfg)
         return 0
+    from pf_jax.training.checkpoint import CheckpointMismatchError
     from pf_jax.training.trainer import train
 
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except CheckpointMismatchError as error:  # the run dir holds another recipe's checkpoints: nothing moved
+        print(f"pf_jax.train: {error}", file=sys.stderr)
+        return 2
     if not result.completed:
         print(f"[pf_jax] stopped at step {result.final_step}; rerun the same command to resume")
         return 0

@@ -16,7 +16,7 @@ import pytest
 from flax import nnx, struct
 
 from pf_jax.config import CheckpointConfig
-from pf_jax.training.checkpoint import Checkpointer, CorruptCheckpointWarning
+from pf_jax.training.checkpoint import Checkpointer, CheckpointMismatchError, CorruptCheckpointWarning
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -140,10 +140,25 @@ def test_corrupt_latest_falls_back_to_previous(tmp_path, damage, reason):
         assert_trees_equal(ckpt.restore_latest(train_state(0)).state, train_state(4))
 
 
-def test_restore_with_wrong_structure_names_the_step(tmp_path):
+def test_restore_with_wrong_structure_names_the_step_and_the_arrays(tmp_path):
     save_steps(tmp_path, [1])
-    with Checkpointer(tmp_path) as ckpt, pytest.raises(ValueError, match=r"checkpoint .*/1 is unreadable"):
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(
+            CheckpointMismatchError, match=r"checkpoint .*/1 holds a different state.*not in this run's state: opt_state"):
         ckpt.restore(1, {"params": {"w": jnp.zeros((64, 64))}})
+
+
+def test_checkpoint_of_another_state_is_an_error_not_corruption(tmp_path):
+    """An intact checkpoint of other shapes (e.g. a run dir reused with a wider model) must not be taken
+    for corruption: before, restore_latest moved every good checkpoint to corrupt/ and started over."""
+    save_steps(tmp_path, [2, 4])
+    wider = train_state(0)
+    wider["params"]["w"] = jnp.zeros((64, 65))
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(CheckpointMismatchError, match=r"params/w has shape \(64, 64\) in the checkpoint, "
+                                                          r"\(64, 65\) here"):
+            ckpt.restore_latest(wider)
+        assert ckpt.steps() == [2, 4] and not (tmp_path / "corrupt").exists()
+        assert_trees_equal(ckpt.restore_latest(train_state(0)).state, train_state(4))
 
 
 TRAIN_SCRIPT = textwrap.dedent(

@@ -87,3 +87,19 @@ def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, uninterrupted):
     resumed = subprocess.run(_command(tmp_path), env=ENV, capture_output=True, text=True, timeout=900)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     _assert_same(_final_params(tmp_path), uninterrupted)
+
+
+def test_resuming_with_another_model_is_a_clear_error_and_moves_nothing(tmp_path, capsys):
+    """A run dir reused with a wider model: before, every good checkpoint was quarantined as corrupt and
+    the run started over from step 0."""
+    from pf_jax.train import main
+
+    common = [*RECIPE, "steps=2", "export=false", f"logging.runs_dir={tmp_path}", "logging.run_name=r"]
+    assert main(common) == 0
+    checkpoints = tmp_path / "r" / "checkpoints"
+    before = sorted(p.name for p in checkpoints.iterdir())
+    assert main([*common, "steps=4", "model.tiny.hidden_size=64"]) == 2
+    err = capsys.readouterr().err
+    assert "holds a different state than this run's: params/" in err, err
+    assert "has shape (32, 16) in the checkpoint, (64, 16) here" in err, err  # the hidden size named
+    assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing moved to corrupt/

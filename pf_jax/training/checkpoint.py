@@ -7,7 +7,9 @@ A checkpoint of step s is the directory `<dir>/<s>/` holding two orbax items:
 Saves are asynchronous (the step loop continues while files are written) every `every_steps` steps and
 whenever forced (end of run, SIGTERM); the last `keep` are kept. A step directory is trusted only if it
 has orbax's commit marker, a readable sidecar naming the same step, and restores without error;
-otherwise it is moved to `<dir>/corrupt/` with a warning and the previous checkpoint is used.
+otherwise it is moved to `<dir>/corrupt/` with a warning and the previous checkpoint is used. An intact
+checkpoint of a different state (another model, optimizer or recipe: its stored tree names other arrays
+or other shapes) is not corrupt: restoring it raises CheckpointMismatchError and moves nothing.
 """
 
 import dataclasses
@@ -32,6 +34,31 @@ CORRUPT_DIR = "corrupt"
 
 class CorruptCheckpointWarning(UserWarning):
     """A checkpoint step was unreadable and skipped."""
+
+
+class CheckpointMismatchError(ValueError):
+    """An intact checkpoint holds a different state than the one asked for (other arrays or shapes)."""
+
+
+def _state_mismatch(stored: Any, target: Any, limit: int = 3) -> str | None:
+    """What differs between the stored state's tree metadata and the target (array names and shapes;
+    dtypes are cast on restore, typed PRNG keys are stored as their key data), or None."""
+    stored_flat = ocp.tree.to_flat_dict(stored.tree if hasattr(stored, "tree") else stored)
+    target_flat = ocp.tree.to_flat_dict(target)
+    name = lambda path: "/".join(map(str, path))
+    order = lambda keys: sorted(keys, key=lambda k: (str(k[0]) != "params", k))  # parameters named first
+    problems = [f"missing from the checkpoint: {name(k)}" for k in order(set(target_flat) - set(stored_flat))]
+    problems += [f"not in this run's state: {name(k)}" for k in order(set(stored_flat) - set(target_flat))]
+    for k in order(set(target_flat) & set(stored_flat)):
+        want, got = target_flat[k], stored_flat[k]
+        if jax.dtypes.issubdtype(want.dtype, jax.dtypes.prng_key) or not hasattr(got, "shape"):
+            continue
+        if tuple(got.shape) != tuple(want.shape):
+            problems.append(f"{name(k)} has shape {tuple(got.shape)} in the checkpoint, {tuple(want.shape)} here")
+    if not problems:
+        return None
+    more = f" (and {len(problems) - limit} more)" if len(problems) > limit else ""
+    return "; ".join(problems[:limit]) + more
 
 
 @dataclasses.dataclass
@@ -64,7 +91,8 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "meta"))
+        handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+        self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     @classmethod
     def from_config(cls, cfg: CheckpointConfig, run_dir: str | Path) -> "Checkpointer":
@@ -109,11 +137,22 @@ class Checkpointer:
     def restore(self, step: int, abstract_state: Any) -> Restored:
         """Restore checkpoint `step` onto the structure, shapes, dtypes (and shardings) of `abstract_state`
         (concrete arrays or jax.ShapeDtypeStruct leaves). Raises ValueError naming the step and the
-        problem when the checkpoint is incomplete or unreadable."""
+        problem when the checkpoint is incomplete or unreadable, and CheckpointMismatchError (a ValueError)
+        when it is intact but holds other arrays or shapes than abstract_state."""
         step_dir = self.directory / str(step)
         if not (step_dir / COMMIT_MARKER).is_file():
             raise ValueError(f"checkpoint {step_dir} has no commit marker {COMMIT_MARKER} (half-written)")
         target = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract_state)
+        try:
+            stored = self._manager.item_metadata(step)["state"]
+        except Exception as error:  # a damaged or missing tree metadata file
+            raise ValueError(f"checkpoint {step_dir} is unreadable: {type(error).__name__}: {error}"[:600]) from error
+        mismatch = None if stored is None else _state_mismatch(stored, target)
+        if mismatch:
+            raise CheckpointMismatchError(
+                f"checkpoint {step_dir} holds a different state than this run's: {mismatch}. It was written by "
+                "another model, optimizer or recipe: resume it with that recipe, or run this one in another "
+                "directory (logging.run_name or checkpoint.dir)")
         args = ocp.args.Composite(state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
@@ -130,11 +169,14 @@ class Checkpointer:
 
         Each newer step that fails (no commit marker, missing or truncated file, bad sidecar) is reported
         with a CorruptCheckpointWarning and moved to `<dir>/corrupt/<step>-<unix time>` so later saves of
-        that step can proceed; the previous checkpoint is tried next.
+        that step can proceed; the previous checkpoint is tried next. CheckpointMismatchError (an intact
+        checkpoint of another state) is raised as is: nothing is moved.
         """
         for step in reversed(self.steps()):
             try:
                 return self.restore(step, abstract_state)
+            except CheckpointMismatchError:
+                raise
             except ValueError as error:
                 message = f"skipping corrupt checkpoint of step {step}: {error}"
                 warnings.warn(message, CorruptCheckpointWarning, stacklevel=2)
