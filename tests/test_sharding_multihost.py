@@ -102,3 +102,17 @@ def test_two_processes_train_like_one_and_checkpoint_restores_in_one(tmp_path):
     assert sorted(restored) == sorted(p2)
     for k in p2:
         np.testing.assert_array_equal(restored[k], p2[k])
+
+
+def test_each_process_samples_its_rows_over_all_its_devices(tmp_path):
+    """Several processes: the trainer's sampler layout gives each process a whole copy on each of its
+    devices (before: its first device only, the others idle) and generate splits the rows over them, with
+    the same result as on one device."""
+    done = launch(2, 2, sys.executable, str(ROOT / "tests" / "multihost" / "sample_worker.py"), str(tmp_path))
+    assert done.returncode == 0, done.stderr[-4000:]
+    results = [json.loads((tmp_path / f"result_{p}.json").read_text()) for p in (0, 1)]
+    for r in results:
+        assert (r["process_count"], r["local_device_count"]) == (2, 2), r
+        assert r["row_devices"] == r["local_devices"] and r["spec"] == "P('data',)", r  # 6 rows over 2 devices
+        assert r["mismatched_entries"] == 0 and r["max_logprob_diff"] < 1e-5, r
+    assert results[0]["local_devices"] != results[1]["local_devices"]

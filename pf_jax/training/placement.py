@@ -9,8 +9,9 @@
     sampler layout   one explicit transfer per rollout: single process, the weights move to the sampler
                      rules (no fsdp, tensor kept) on the same mesh, where the sampler splits its rows
                      over (data, fsdp) (pf_jax.sampling.layout); several processes, each process gets a
-                     whole copy on its first local device and samples its own prompts there (the sampler
-                     code is per-process Python: prompts differ between processes). With mixed precision
+                     whole copy on each of its local devices, as one mesh of its own, and samples its own
+                     prompts split over them (the sampler code is per-process Python: prompts differ
+                     between processes). With mixed precision
                      (`sampler_dtype`) the policy's weight matrices travel in the compute dtype: the decoder
                      casts every matrix to it before use, so the sampled tokens are the same and the copy
                      is half the size
@@ -29,7 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 from pf_jax.sharding.mesh import (
     MeshConfig,
@@ -149,16 +150,23 @@ class MeshPlacement:
     # -- sampling, evaluation, export ---------------------------------------------------------------
     def sampler_params(self, params: Any, *, cast: bool = False) -> Any:
         """The explicit transfer to the sampler's layout (see the module doc): sampler rules on the mesh
-        (one process) or a whole copy on this process's first local device (several processes). cast:
+        (one process) or a whole copy on each local device, on a mesh of this process's devices (several
+        processes; the sampler splits its rows over them). cast:
         floating leaves of rank >= 2 (a decoder's matrices) in `sampler_dtype`, when one is set."""
         if params is None:
             return None
         if self.process_count == 1:
             return self.place_params_from_mesh(params, self.sampler_rules, cast=cast)
-        whole = self.place_params_from_mesh(params, None, cast=cast)
-        local = jax.local_devices()[0]
-        return jax.tree_util.tree_map(
-            lambda x: next(s.data for s in x.addressable_shards if s.device == local), whole)
+        whole = self.place_params_from_mesh(params, None, cast=cast)  # every device holds a whole copy
+        local = make_mesh((jax.local_device_count(), 1, 1), devices=jax.local_devices())
+        replicated_here = NamedSharding(local, PartitionSpec())
+        order = list(local.devices.flat)
+
+        def on_local_mesh(x: jax.Array) -> jax.Array:  # the copies already on this process's devices, no transfer
+            shards = {s.device: s.data for s in x.addressable_shards}
+            return jax.make_array_from_single_device_arrays(x.shape, replicated_here, [shards[d] for d in order])
+
+        return jax.tree_util.tree_map(on_local_mesh, whole)
 
     def place_params_from_mesh(self, params: Any, rules: Any, *, cast: bool = False) -> Any:
         """Re-lay global `params` by `rules` (None: fully replicated) with one jitted identity (or cast)."""
