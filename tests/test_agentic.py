@@ -7,7 +7,7 @@ from flax import nnx
 
 from pf_jax.config import load_config
 from pf_jax.data.codec import load_codec
-from pf_jax.data.maze_codec import MazeWordCodec, maze_vocabulary, split_words
+from pf_jax.data.maze_codec import maze_vocabulary, maze_word_codec, split_words
 from pf_jax.envs.maze import MazeEnv
 from pf_jax.envs.rollout import RolloutConfig, TurnRequest, build_messages
 from pf_jax.models.config import ModelConfig
@@ -22,7 +22,7 @@ from pf_jax.training.objective import response_logprobs
 from pf_jax.training.recipe import TrainConfig
 from pf_jax.training.trainer import Trainer
 
-CODEC = MazeWordCodec(maze_vocabulary())
+CODEC = maze_word_codec(maze_vocabulary())
 
 
 def _tiny_model(seed=0):
@@ -53,7 +53,7 @@ def test_word_codec_round_trip_unknown_words_and_save(tmp_path):
     CODEC.save(tmp_path)
     assert load_codec(tmp_path).words == CODEC.words
     with pytest.raises(ValueError, match="collide"):
-        MazeWordCodec(["north", "<eos>"])
+        maze_word_codec(["north", "<eos>"])
 
 
 def test_turn_policy_pads_to_a_fixed_batch_and_logprobs_match_teacher_forcing():

@@ -93,6 +93,11 @@ def test_word_codec_unknown_words_specials_and_save(tmp_path):
     assert isinstance(again, WordCodec) and again.tokenizer.words == TOKENIZER.words
     with pytest.raises(ValueError, match="single words"):
         WordTokenizer(["two words"])
+    with pytest.raises(ValueError, match="outside the word vocabulary"):
+        codec.decode_response([TOKENIZER.vocab_size])
+    (tmp_path / "pf_jax_word_tokenizer.json").write_text('{"type": "letters", "words": []}')
+    with pytest.raises(ValueError, match=r"expected \{'type': one of \['maze-word', 'words'\]"):
+        load_codec(tmp_path)
 
 
 def test_every_synthetic_prompt_is_in_the_word_vocabulary():

@@ -98,16 +98,13 @@ class HFCodec:
 
 
 def load_codec(directory: str | Path, *, chat_template: bool = False, eos_ids: Sequence[int] = ()) -> TextCodec:
-    """The codec saved beside exported weights: pf_jax's char tokenizer, else a transformers tokenizer."""
+    """The codec saved beside exported weights: pf_jax's word or char tokenizer, else a transformers one."""
     directory = Path(directory)
-    from pf_jax.data.word_codec import WORD_TOKENIZER_FILE, load_word_codec
+    from pf_jax.data.word_codec import STYLES, load_word_codec
 
-    if (directory / WORD_TOKENIZER_FILE).is_file():
-        return load_word_codec(directory / WORD_TOKENIZER_FILE)
-    from pf_jax.data.maze_codec import MAZE_TOKENIZER_FILE, MazeWordCodec
-
-    if (directory / MAZE_TOKENIZER_FILE).is_file():
-        return MazeWordCodec.load(directory / MAZE_TOKENIZER_FILE)
+    for style in STYLES.values():
+        if (directory / style.file).is_file():
+            return load_word_codec(directory / style.file)
     char_file = directory / CHAR_TOKENIZER_FILE
     if char_file.is_file():
         spec = json.loads(char_file.read_text())

@@ -1,81 +1,25 @@
-"""A lower-casing word tokenizer for tiny policies trained from scratch on the text environments (the maze).
+"""The word vocabulary of the maze environment, for tiny policies trained from scratch on it.
 
-The arithmetic `CharTokenizer` only knows digits and operators, so a tiny maze policy gets its own small
-vocabulary: the lower-cased words, numbers and punctuation marks of the maze's instructions,
-observations and the rollout prompt scaffolding. Text is split into runs of letters, runs of digits and
-single punctuation marks; whitespace is dropped (decoding joins tokens with single spaces). A word
-outside the vocabulary becomes `<unk>` (environment feedback can quote arbitrary text, so this never
-raises). Saved beside exported weights as `pf_jax_maze_tokenizer.json`, read back by
-`pf_jax.data.codec.load_codec`. (pf_jax.data.word_codec is the case-preserving closed-vocabulary codec of the
-instruction tasks; the two differ in splitting and casing, and a model must keep the one it was trained with.)
+The arithmetic `CharTokenizer` only knows digits and operators, so a tiny maze policy gets a small word
+vocabulary (pf_jax.data.word_codec, lower-casing style): the lower-cased words, numbers and punctuation
+marks of the maze's instructions, observations and the rollout prompt scaffolding.
 """
 
 from __future__ import annotations
 
-import json
-import re
-from collections.abc import Iterable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
-MAZE_TOKENIZER_FILE = "pf_jax_maze_tokenizer.json"
-SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
-_TOKEN = re.compile(r"[a-z]+|\d+|[^\sa-z\d]")
+from pf_jax.data.word_codec import LOWER, WordCodec, WordTokenizer
 
 
 def split_words(text: str) -> list[str]:
     """Lower-cased runs of letters, runs of digits and single punctuation marks, in order."""
-    return _TOKEN.findall(text.lower())
+    return LOWER.split(text)
 
 
-class MazeWordCodec:
-    """Word-level codec (the trainer's TextCodec protocol): prompt = BOS + words, response = words + EOS."""
-
-    def __init__(self, words: Sequence[str]) -> None:
-        words = list(words)
-        if len(set(words)) != len(words):
-            raise ValueError("MazeWordCodec: the vocabulary has repeated words")
-        clash = [w for w in words if w in SPECIALS]
-        if clash:
-            raise ValueError(f"MazeWordCodec: vocabulary words {clash} collide with the special tokens {SPECIALS}")
-        self.words = words
-        self.pad_id, self.bos_id, self.eos_id, self.unk_id = 0, 1, 2, 3
-        self._id_of = {w: i + len(SPECIALS) for i, w in enumerate(words)}
-        self.vocab_size = len(SPECIALS) + len(words)
-        self.eos_ids = (self.eos_id,)
-
-    def encode(self, text: str) -> list[int]:
-        return [self._id_of.get(w, self.unk_id) for w in split_words(text)]
-
-    def encode_prompt(self, text: str) -> list[int]:
-        return [self.bos_id, *self.encode(text)]
-
-    def encode_response(self, text: str) -> list[int]:
-        return [*self.encode(text), self.eos_id]
-
-    def decode_response(self, ids: Iterable[int]) -> str:
-        out = []
-        for token in ids:
-            token = int(token)
-            if token == self.eos_id:
-                break
-            if not 0 <= token < self.vocab_size:
-                raise ValueError(f"MazeWordCodec: token id {token} is outside the vocabulary of size {self.vocab_size}")
-            if token >= len(SPECIALS):
-                out.append(self.words[token - len(SPECIALS)])
-            elif token == self.unk_id:
-                out.append(SPECIALS[token])
-        return " ".join(out)
-
-    def save(self, directory: str | Path) -> None:
-        path = Path(directory) / MAZE_TOKENIZER_FILE
-        path.write_text(json.dumps({"type": "maze-word", "words": self.words}))
-
-    @classmethod
-    def load(cls, path: str | Path) -> MazeWordCodec:
-        spec = json.loads(Path(path).read_text())
-        if spec.get("type") != "maze-word" or not isinstance(spec.get("words"), list):
-            raise ValueError(f"{path}: expected a word tokenizer file with a 'words' list")
-        return cls(spec["words"])
+def maze_word_codec(words: Sequence[str]) -> WordCodec:
+    """The lower-casing WordCodec over `words` (saved as pf_jax_maze_tokenizer.json)."""
+    return WordCodec(WordTokenizer(words, LOWER))
 
 
 def maze_vocabulary(max_size: int = 32) -> list[str]:

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pf_jax.data.codec import CharCodec, HFCodec, TextCodec, load_codec
-from pf_jax.data.maze_codec import MazeWordCodec, maze_vocabulary
+from pf_jax.data.maze_codec import maze_vocabulary, maze_word_codec
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.hf_io import load_hf_directory
@@ -69,7 +69,7 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
     if name == "tiny":
         t = cfg.tiny
         codecs = {"char": CharCodec, "words": _instruction_word_codec,
-                  "maze-words": lambda: MazeWordCodec(maze_vocabulary())}
+                  "maze-words": lambda: maze_word_codec(maze_vocabulary())}
         codec = codecs[t.tokenizer]()
         config = ModelConfig.tiny(
             t.architecture, vocab_size=codec.vocab_size, hidden_size=t.hidden_size,

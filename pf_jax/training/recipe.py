@@ -30,7 +30,7 @@ class TinyModelConfig(Section):
     head_dim: int = Field(32, ge=2)
     init_seed: int = 0
     # char: the arithmetic characters; words: pf_jax.data.word_codec over the instruction tasks' vocabulary;
-    # maze-words: pf_jax.data.maze_codec over the maze's vocabulary
+    # maze-words: the lower-casing word codec over the maze's vocabulary (pf_jax.data.maze_codec)
     tokenizer: Literal["char", "words", "maze-words"] = "char"
 
 
