@@ -247,7 +247,7 @@ class Trainer:
 
             value = float(np.mean(multihost_utils.process_allgather(np.float32(value))))
         head = nnx.merge(self.graphdefs["log_z"], self.state.params["log_z"])
-        head.out.bias.value = jnp.full_like(head.out.bias.value, value)
+        head.out.bias[...] = jnp.full_like(head.out.bias[...], value)
         params = {**self.state.params, "log_z": nnx.state(head, nnx.Param)}
         self.state = self.state.replace(params=params)
         if self.placement is not None:
@@ -298,62 +298,62 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.process_index == 0:
             (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
-        checkpointer = Checkpointer.from_config(cfg.checkpoint, self.run_dir)
-        start = 0
-        if cfg.checkpoint.resume:
-            # the target carries the current shardings: a checkpoint from another mesh / process count
-            # is resharded onto this run's devices
-            target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                            self.state)
-            restored = checkpointer.restore_latest(target)
-            if restored is not None:
-                self.state = restored.state
-                self.iterator.restore(IteratorState.from_json(restored.meta["data"]))
-                start = restored.step
-                print(f"[pf_jax] resumed {self.run_dir} at step {start}")
-        eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 10**9)
-        evaluation: dict[str, MethodResult] = {}
-        base_file = self.run_dir / "eval_base.json"
-        if start == 0:
-            base = self.evaluate("base", self.state.params["policy"], key=eval_key)
-            if base is not None and self.process_index == 0:
-                base_file.write_text(json.dumps(base.to_json(include_responses=False)))
-                evaluation["base"] = base
+        # closed on any exit: a save in flight finishes even when the run raises
+        with Checkpointer.from_config(cfg.checkpoint, self.run_dir) as checkpointer:
+            start = 0
+            if cfg.checkpoint.resume:
+                # the target carries the current shardings: a checkpoint from another mesh / process count
+                # is resharded onto this run's devices
+                target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                                self.state)
+                restored = checkpointer.restore_latest(target)
+                if restored is not None:
+                    self.state = restored.state
+                    self.iterator.restore(IteratorState.from_json(restored.meta["data"]))
+                    start = restored.step
+                    print(f"[pf_jax] resumed {self.run_dir} at step {start}")
+            eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 10**9)
+            evaluation: dict[str, MethodResult] = {}
+            base_file = self.run_dir / "eval_base.json"
+            if start == 0:
+                base = self.evaluate("base", self.state.params["policy"], key=eval_key)
+                if base is not None and self.process_index == 0:
+                    base_file.write_text(json.dumps(base.to_json(include_responses=False)))
+                    evaluation["base"] = base
 
-        logger = MetricsLogger.from_config(cfg.logging, cfg.steps, process_index=self.process_index,
-                                           resume_step=start, config=cfg.model_dump())
-        completed = start >= cfg.steps
-        done = start
-        with StopSignal() as stop:
-            for step in range(start, cfg.steps):
-                t0 = time.perf_counter()
-                rows = self.iterator.next_batch()
-                batch, info = self.make_batch(rows, step)
-                if step == 0 and "log_z" in self.graphdefs:
-                    info["log_z_init"] = self.init_log_partition(batch, len(rows))
-                t1 = time.perf_counter()
-                metrics = self.update(batch, step)
-                t2 = time.perf_counter()
-                tokens = sum(int(v.response_mask.sum()) for v in batch.values() if isinstance(v, SequenceBatch))
-                metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
-                if metrics.get("skipped"):
-                    print(f"[pf_jax] step {step + 1}: {int(metrics['skipped'])} update(s) skipped: non-finite "
-                          f"loss or gradient (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')})")
-                logger.log(step + 1, metrics)
-                done = step + 1
-                meta = {"data": self.iterator.state.to_json()}
-                last = step + 1 == cfg.steps
-                checkpointer.save(step + 1, self.state, meta, force=last or stop.requested)
-                if last:
-                    completed = True
-                if stop.requested and not last:
-                    print(f"[pf_jax] {stop.received or 'stop'} received: saved step {step + 1}, exiting")
-                    break
-                if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:
-                    mid = self.evaluate(f"step{step + 1}", self.state.params["policy"], key=eval_key)
-                    if mid is not None:
-                        logger.log(step + 1, {f"eval/{k}": v for k, v in mid.metrics.items()})
-        checkpointer.close()
+            logger = MetricsLogger.from_config(cfg.logging, cfg.steps, process_index=self.process_index,
+                                               resume_step=start, config=cfg.model_dump())
+            completed = start >= cfg.steps
+            done = start
+            with StopSignal() as stop:
+                for step in range(start, cfg.steps):
+                    t0 = time.perf_counter()
+                    rows = self.iterator.next_batch()
+                    batch, info = self.make_batch(rows, step)
+                    if step == 0 and "log_z" in self.graphdefs:
+                        info["log_z_init"] = self.init_log_partition(batch, len(rows))
+                    t1 = time.perf_counter()
+                    metrics = self.update(batch, step)
+                    t2 = time.perf_counter()
+                    tokens = sum(int(v.response_mask.sum()) for v in batch.values() if isinstance(v, SequenceBatch))
+                    metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
+                    if metrics.get("skipped"):
+                        print(f"[pf_jax] step {step + 1}: {int(metrics['skipped'])} update(s) skipped: non-finite "
+                              f"loss or gradient (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')})")
+                    logger.log(step + 1, metrics)
+                    done = step + 1
+                    meta = {"data": self.iterator.state.to_json()}
+                    last = step + 1 == cfg.steps
+                    checkpointer.save(step + 1, self.state, meta, force=last or stop.requested)
+                    if last:
+                        completed = True
+                    if stop.requested and not last:
+                        print(f"[pf_jax] {stop.received or 'stop'} received: saved step {step + 1}, exiting")
+                        break
+                    if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:
+                        mid = self.evaluate(f"step{step + 1}", self.state.params["policy"], key=eval_key)
+                        if mid is not None:
+                            logger.log(step + 1, {f"eval/{k}": v for k, v in mid.metrics.items()})
         summary = logger.close()
         result = RunResult(self.run_dir, done, completed, summary)
         if completed:
