@@ -15,7 +15,7 @@ from flax import nnx
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.logprobs import sequence_logprobs
-from pf_jax.sampling import GenerationConfig, SamplingParams, generate
+from pf_jax.sampling import GenerationConfig, PowerSamplingConfig, SamplingParams, generate, power_generate
 from pf_jax.sampling.filters import filtered_logits
 
 FAMILIES = ["llama", "qwen2", "qwen3", "gemma3"]
@@ -175,6 +175,11 @@ def test_bad_arguments_are_named():
         generate(model, PROMPTS, jax.random.key(0), GenerationConfig(4), n=0)
     with pytest.raises(ValueError, match="prompt 1 is empty"):
         generate(model, [[1], []], jax.random.key(0), GenerationConfig(4))
+    # an out-of-vocabulary id used to be read as another embedding row, silently
+    with pytest.raises(ValueError, match=r"prompt 1 has token ids outside the model's vocabulary \[0, 64\): \[-1, 64\]"):
+        generate(model, [[1], [3, 64, -1]], jax.random.key(0), GenerationConfig(4))
+    with pytest.raises(ValueError, match=r"prompt 0 has token ids outside"):
+        power_generate(model, [[99]], jax.random.key(0), GenerationConfig(4), PowerSamplingConfig(block_size=2))
     with pytest.raises(ValueError, match="stop_token_ids"):
         generate(model, PROMPTS, jax.random.key(0), GenerationConfig(4, stop_token_ids=(64,)))
     with pytest.raises(ValueError, match="max_position_embeddings"):

@@ -143,7 +143,8 @@ def power_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array,
                          f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
     graphdef, state = nnx.split(model)
     layout = RowLayout.of(state)  # weights on a multi-device mesh: rows split over its batch axes
-    tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id)
+    tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id,
+                           vocab_size=model.cfg.vocab_size)
     out, acceptance = _power_generate(graphdef, state, *layout.place_rows((tokens, mask)), key,
                                       config=config, power=power, n=n, layout=layout)
     return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n), acceptance[: len(prompts) * n]

@@ -22,11 +22,14 @@ def bucket_length(length: int, *, minimum: int = 16) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def left_pad(prompts: Sequence[Sequence[int]], *, length: int, pad_token_id: int) -> tuple[np.ndarray, np.ndarray]:
+def left_pad(prompts: Sequence[Sequence[int]], *, length: int, pad_token_id: int,
+             vocab_size: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Right-align each prompt in a [B, length] array.
 
-    prompts: B token-id sequences, each non-empty and at most `length` long ->
-    (tokens int32 [B, length] with pad_token_id on the left, mask bool [B, length], True on real tokens).
+    prompts: B token-id sequences, each non-empty, at most `length` long and (when vocab_size is given)
+    with ids in [0, vocab_size) -> (tokens int32 [B, length] with pad_token_id on the left, mask bool
+    [B, length], True on real tokens). An id outside the vocabulary would be read as some other row of
+    the embedding table without an error, so it is one here.
     """
     if len(prompts) == 0:
         raise ValueError("prompts must hold at least one prompt, got an empty batch")
@@ -38,6 +41,10 @@ def left_pad(prompts: Sequence[Sequence[int]], *, length: int, pad_token_id: int
             raise ValueError(f"prompt {row} is empty; every prompt needs at least one token (e.g. BOS)")
         if ids.size > length:
             raise ValueError(f"prompt {row} has {ids.size} tokens, more than the padded length {length}")
+        if vocab_size is not None and (ids.min() < 0 or ids.max() >= vocab_size):
+            bad = sorted({int(i) for i in ids if not 0 <= i < vocab_size})
+            raise ValueError(f"prompt {row} has token ids outside the model's vocabulary [0, {vocab_size}): "
+                             f"{bad[:5]}{' ...' if len(bad) > 5 else ''}")
         tokens[row, length - ids.size :] = ids
         mask[row, length - ids.size :] = True
     return tokens, mask

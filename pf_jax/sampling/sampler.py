@@ -93,7 +93,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
                          f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
     graphdef, state = nnx.split(model)
     layout = RowLayout.of(state)
-    tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id)
+    tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id,
+                           vocab_size=model.cfg.vocab_size)
     hidden, cache = _prefill(graphdef, state, *layout.place_rows((tokens, mask)),
                              cache_len=length + config.max_new_tokens, n=n, layout=layout)
     prompt_lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
