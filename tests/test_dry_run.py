@@ -59,3 +59,16 @@ def test_unknown_hub_model_offline_names_the_config_path(monkeypatch):
         recipe_model_config(section)
     with pytest.raises(ConfigError, match="not tiny"):
         recipe_model_config(load_config(TrainConfig, None, ["model.name=no such model"]).model)
+
+
+def test_agentic_recipe_is_sized_from_its_env_section():
+    """Agentic recipes were sized from rollout.prompts_per_step x samples_per_prompt (128 sequences for
+    the TextWorld Gemma recipe, which samples 2 episodes and updates on at most 4 step rows), and the dry
+    run did not know the maze-base built-in model this recipe starts from."""
+    cfg = load_config(TrainConfig, "configs/rewardflow/maze.yaml", [])
+    plan, note = plan_recipe(cfg)
+    e = cfg.env  # 2 tasks x 8 episodes, 8 turns each: 128 step rows at most
+    assert (e.tasks_per_step, e.group_size, e.max_steps) == (2, 8, 8)
+    assert "assumed: 16 episodes sampled together, at most 128 step rows per step" in note, note
+    assert f"batch 16 x {cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens} slots" in row(plan, "KV cache").note
+    assert f"one update = {128 // cfg.rollout.minibatches} sequences" in note

@@ -14,7 +14,9 @@ What the recipe decides, and how the plan reads it:
     sizes            KV cache: rollout.prompts_per_step x samples_per_prompt sequences of
                      data.max_prompt_tokens + rollout.max_new_tokens slots; one update's batch: that
                      batch / rollout.minibatches / optimizer.grad_accum_steps (sampling methods) or
-                     batch_size / grad_accum_steps, same length
+                     batch_size / grad_accum_steps, same length; agentic methods: env.tasks_per_step x
+                     group_size episodes in the sampler, tasks x group x max_steps step rows (bucketed by
+                     min_row_bucket) per update, each turn's prompt bounded by data.max_prompt_tokens
 The compiled step's temporary memory is reported when this process sees at least the mesh's device count
 (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=64 JAX_PLATFORMS=cpu).
 """
@@ -32,9 +34,10 @@ import jax.numpy as jnp
 
 from pf_jax.config import ConfigError
 from pf_jax.models.config import ModelConfig
+from pf_jax.sampling.prompts import bucket_length
 from pf_jax.sharding.memory_plan import MemoryPlan, format_plan, plan_memory
 from pf_jax.training.methods import method_spec
-from pf_jax.training.model_source import ARITH_BASE, ARITH_BASE_RECIPE, CONFIGS_DIR, built_in_base_directory
+from pf_jax.training.model_source import BUILT_IN_BASES, CONFIGS_DIR, built_in_base_directory, tiny_codec
 from pf_jax.training.recipe import ModelSection, TrainConfig
 
 MODEL_CONFIGS_DIR = CONFIGS_DIR / "models"
@@ -42,9 +45,7 @@ _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 def _tiny_config(section: ModelSection) -> ModelConfig:
-    from pf_jax.data.codec import CharCodec
-
-    codec, t = CharCodec(), section.tiny
+    codec, t = tiny_codec(section.tiny.tokenizer), section.tiny
     return ModelConfig.tiny(t.architecture, vocab_size=codec.vocab_size, hidden_size=t.hidden_size,
                             intermediate_size=t.intermediate_size, num_layers=t.num_layers, num_heads=t.num_heads,
                             num_kv_heads=t.num_kv_heads, head_dim=t.head_dim, bos_token_id=codec.bos_id,
@@ -56,13 +57,13 @@ def recipe_model_config(section: ModelSection, *, runs_dir: str | Path = "runs")
     name = section.name
     if name == "tiny":
         return _tiny_config(section)
-    if name == ARITH_BASE:
-        exported = built_in_base_directory(ARITH_BASE, runs_dir) / "config.json"
+    if name in BUILT_IN_BASES:  # exported already, or the tiny model its recipe trains
+        exported = built_in_base_directory(name, runs_dir) / "config.json"
         if exported.is_file():
             return ModelConfig.from_hf(json.loads(exported.read_text()))
         from pf_jax.config import load_config
 
-        return _tiny_config(load_config(TrainConfig, ARITH_BASE_RECIPE, []).model)
+        return _tiny_config(load_config(TrainConfig, BUILT_IN_BASES[name][0], []).model)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -90,8 +91,8 @@ def recipe_model_config(section: ModelSection, *, runs_dir: str | Path = "runs")
                 raise ConfigError(f"dry run: cannot fetch config.json of {name!r} ({type(error).__name__}: "
                                   f"{error}); put it at {shipped}") from error
         raise ConfigError(f"dry run: no config for hub model {name!r} offline; put its config.json at {shipped}")
-    raise ConfigError(f"dry run: model.name={name!r} is not tiny, {ARITH_BASE}, a directory, a .gguf file, an "
-                      "embedded alias or a hub name")
+    raise ConfigError(f"dry run: model.name={name!r} is not tiny, a built-in base ({', '.join(BUILT_IN_BASES)}), "
+                      "a directory, a .gguf file, an embedded alias or a hub name")
 
 
 def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[MemoryPlan, str]:
@@ -108,8 +109,17 @@ def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[M
     sampling = _uses_samples(cfg, spec)
     r, accum = cfg.rollout, cfg.optimizer.grad_accum_steps
     length = cfg.data.max_prompt_tokens + r.max_new_tokens
-    sequences = r.prompts_per_step * r.samples_per_prompt if sampling else cfg.batch_size
-    update_batch = max(1, sequences // (r.minibatches if sampling else 1) // accum)
+    if spec.responses == "env":  # agentic: a sampler call per turn over every episode; a row per step taken
+        e = cfg.env
+        sequences = e.tasks_per_step * e.group_size
+        rows = bucket_length(sequences * e.max_steps, minimum=e.min_row_bucket)
+        update_batch = max(1, rows // r.minibatches // accum)
+        assumed = (f"{sequences} episodes sampled together, at most {rows} step rows per step (tasks_per_step x "
+                   f"group_size x max_steps, bucketed by min_row_bucket), each turn")
+    else:
+        sequences = r.prompts_per_step * r.samples_per_prompt if sampling else cfg.batch_size
+        update_batch = max(1, sequences // (r.minibatches if sampling else 1) // accum)
+        assumed = f"{sequences} sequences per step"
     plan = plan_memory(
         # the policy's optimizer state (heads' parameter groups are negligible and not planned)
         model, shape, device_count=device_count, optimizer=cfg.optimizer.model_copy(update={"group_lr": {}}),
@@ -119,8 +129,8 @@ def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[M
         train_batch=(update_batch, length), remat=cfg.model.remat, rules=cfg.mesh.logical_rules(),
         name=f"{cfg.method.name} on {cfg.model.name}",
     )
-    note = (f"assumed: {sequences} sequences per step of {cfg.data.max_prompt_tokens} prompt + "
-            f"{r.max_new_tokens} new tokens; one update = {update_batch} sequences x {length} tokens")
+    note = (f"assumed: {assumed} of {cfg.data.max_prompt_tokens} prompt + {r.max_new_tokens} new tokens; "
+            f"one update = {update_batch} sequences x {length} tokens")
     return plan, note
 
 

@@ -62,15 +62,20 @@ def _instruction_word_codec() -> TextCodec:
     return WordCodec(WordTokenizer.from_texts(instruction_vocabulary_texts()))
 
 
+def tiny_codec(tokenizer: str) -> TextCodec:
+    """The codec of a from-scratch model's `model.tiny.tokenizer` (char, words or maze-words)."""
+    codecs = {"char": CharCodec, "words": _instruction_word_codec,
+              "maze-words": lambda: maze_word_codec(maze_vocabulary())}
+    return codecs[tokenizer]()
+
+
 def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, TextCodec]:
     """The policy Decoder and the codec for its tokenizer, as named by `model.name`."""
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     name = cfg.name
     if name == "tiny":
         t = cfg.tiny
-        codecs = {"char": CharCodec, "words": _instruction_word_codec,
-                  "maze-words": lambda: maze_word_codec(maze_vocabulary())}
-        codec = codecs[t.tokenizer]()
+        codec = tiny_codec(t.tokenizer)
         config = ModelConfig.tiny(
             t.architecture, vocab_size=codec.vocab_size, hidden_size=t.hidden_size,
             intermediate_size=t.intermediate_size, num_layers=t.num_layers, num_heads=t.num_heads,
