@@ -72,3 +72,11 @@ def test_agentic_recipe_is_sized_from_its_env_section():
     assert "assumed: 16 episodes sampled together, at most 128 step rows per step" in note, note
     assert f"batch 16 x {cfg.data.max_prompt_tokens + cfg.rollout.max_new_tokens} slots" in row(plan, "KV cache").note
     assert f"one update = {128 // cfg.rollout.minibatches} sequences" in note
+
+
+def test_frozen_backbone_recipe_plans_no_optimizer_state():
+    frozen, _ = plan_recipe(load_config(TrainConfig, "configs/instructions/classifier_synthetic.yaml",
+                                        ["reward_model.freeze_backbone=true"]))
+    trained, _ = plan_recipe(load_config(TrainConfig, "configs/instructions/classifier_synthetic.yaml", []))
+    assert row(frozen, "optimizer state").per_device_bytes == 0
+    assert row(trained, "optimizer state").per_device_bytes >= 2 * row(trained, "policy parameters").per_device_bytes

@@ -140,6 +140,7 @@ def plan_memory(
     *,
     device_count: int | None = None,
     optimizer: OptimizerConfig | None = None,
+    frozen_policy: bool = False,
     param_dtype: Any = jnp.float32,
     compute_dtype: Any = jnp.bfloat16,
     reference: bool = True,
@@ -158,6 +159,7 @@ def plan_memory(
     mesh_shape may hold one -1, filled from device_count (default: the product must be given, or
     jax.device_count() is used). kv_cache = (batch, max_len) of the sampler's cache; train_batch =
     (batch, seq_len) of one optimizer step, used to compile the step when enough devices exist.
+    frozen_policy: the policy is not trained (a frozen backbone under a trained head): no optimizer state.
     """
     shape = resolve_mesh_shape(mesh_shape, device_count or (
         math.prod(mesh_shape) if -1 not in mesh_shape else jax.device_count()))
@@ -171,7 +173,11 @@ def plan_memory(
     num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
 
     rows = [MemoryRow("policy parameters", *sharded_bytes(params, mesh, rules), f"{np.dtype(param_dtype).name} master")]
-    rows.append(MemoryRow("optimizer state", *sharded_bytes(opt_state, mesh, rules), f"{optimizer.name}, mirrors params"))
+    if frozen_policy:  # optax.set_to_zero: no state for the policy's parameters
+        rows.append(MemoryRow("optimizer state", 0, 0, "none: the policy is frozen (only a head trains)"))
+    else:
+        rows.append(MemoryRow("optimizer state", *sharded_bytes(opt_state, mesh, rules),
+                              f"{optimizer.name}, mirrors params"))
     rows.append(MemoryRow("gradients", *sharded_bytes(params, mesh, rules), "estimate: one fp32 copy during the update"))
     if reference:
         ref = abstract_params(cfg, reference_dtype)

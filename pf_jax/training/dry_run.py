@@ -123,6 +123,7 @@ def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[M
     plan = plan_memory(
         # the policy's optimizer state (heads' parameter groups are negligible and not planned)
         model, shape, device_count=device_count, optimizer=cfg.optimizer.model_copy(update={"group_lr": {}}),
+        frozen_policy=spec.family == "reward_model" and cfg.reward_model.freeze_backbone,
         param_dtype=param_dtype,
         compute_dtype=compute_dtype, reference=_needs_reference(cfg, spec), reference_dtype=param_dtype,
         sampler_copy=sampling, kv_cache=(sequences, length) if sampling else None,
