@@ -81,9 +81,13 @@ class RowLayout:
         return SampleResult(**{k: jnp.asarray(v) for k, v in prompt.items()},
                             **{k: keep(v) for k, v in out.items()})
 
+    @property
+    def _row_axes(self) -> str | tuple[str, ...]:
+        """The row axes as one PartitionSpec entry."""
+        return self.axes[0] if len(self.axes) == 1 else self.axes
+
     def _rows(self, ndim: int) -> NamedSharding:
-        axes = self.axes[0] if len(self.axes) == 1 else self.axes
-        return NamedSharding(self.mesh, PartitionSpec(axes, *([None] * (ndim - 1))))
+        return NamedSharding(self.mesh, PartitionSpec(self._row_axes, *([None] * (ndim - 1))))
 
     def place_rows(self, tree: Any) -> Any:
         """Host arrays whose leading dim is rows -> device arrays split over the row axes (or unchanged
@@ -111,7 +115,7 @@ class RowLayout:
         automatic). For ops that XLA's partitioner would otherwise gather over the batch (lax.top_k)."""
         if self.mesh is None:
             return fn
-        spec = PartitionSpec(self.axes[0] if len(self.axes) == 1 else self.axes)
+        spec = PartitionSpec(self._row_axes)
         return jax.shard_map(fn, mesh=self.mesh, in_specs=spec, out_specs=spec, axis_names=set(self.axes))
 
     def constrain_cache(self, cache: Any) -> Any:

@@ -37,9 +37,8 @@ from pf_jax.models.logprobs import positions_from_mask
 from pf_jax.sampling.filters import SamplingParams, sample_next_token
 from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.power_math import ChainState, ProposeSuffix, power_sample
-from pf_jax.sampling.prompts import bucket_length, left_pad
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
-from pf_jax.sampling.sampler import GenerationConfig
+from pf_jax.sampling.sampler import GenerationConfig, prepare_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,16 +134,7 @@ def power_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array,
                          f"block_size {power.block_size}")
     if config.min_new_tokens:
         raise ValueError("power sampling does not support min_new_tokens > 0 (it would change the target p^alpha)")
-    config = config.resolved(model)
-    longest = max((len(p) for p in prompts), default=0)
-    length = bucket_length(longest, minimum=config.min_prompt_bucket)
-    if length + config.max_new_tokens > model.cfg.max_position_embeddings:
-        raise ValueError(f"padded prompt length {length} + max_new_tokens {config.max_new_tokens} exceeds the "
-                         f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
-    graphdef, state = nnx.split(model)
-    layout = RowLayout.of(state)  # weights on a multi-device mesh: rows split over its batch axes
-    tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id,
-                           vocab_size=model.cfg.vocab_size)
+    config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, n)
     out, acceptance = _power_generate(graphdef, state, *layout.place_rows((tokens, mask)), key,
                                       config=config, power=power, n=n, layout=layout)
     return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n), acceptance[: len(prompts) * n]

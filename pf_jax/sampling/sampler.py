@@ -85,6 +85,21 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
         raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
     if model.scan_layers:
         model = with_layer_layout(model, scan_layers=False)
+    config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, n)
+    hidden, cache = _prefill(graphdef, state, *layout.place_rows((tokens, mask)),
+                             cache_len=tokens.shape[1] + config.max_new_tokens, n=n, layout=layout)
+    prompt_lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
+    out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, config=config, layout=layout)
+    return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n)
+
+
+def prepare_prompts(model: Decoder, prompts: Sequence[Sequence[int]], config: GenerationConfig, n: int
+                    ) -> tuple[GenerationConfig, nnx.GraphDef, nnx.State, RowLayout, np.ndarray, np.ndarray]:
+    """The set-up shared by generate and power_generate: (config with the model's ids filled in, the
+    model's graph and state, the row layout of its weights, left-padded prompt tokens and mask
+    [B_padded, P]). P is the prompts' power-of-two bucket; the prompt list is padded to the layout's
+    shard count; a P + max_new_tokens beyond the model's positions or an id outside its vocabulary is a
+    ValueError."""
     config = config.resolved(model)
     longest = max((len(p) for p in prompts), default=0)
     length = bucket_length(longest, minimum=config.min_prompt_bucket)
@@ -92,14 +107,10 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
         raise ValueError(f"padded prompt length {length} + max_new_tokens {config.max_new_tokens} exceeds the "
                          f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
     graphdef, state = nnx.split(model)
-    layout = RowLayout.of(state)
+    layout = RowLayout.of(state)  # weights on a multi-device mesh: rows split over its batch axes
     tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id,
                            vocab_size=model.cfg.vocab_size)
-    hidden, cache = _prefill(graphdef, state, *layout.place_rows((tokens, mask)),
-                             cache_len=length + config.max_new_tokens, n=n, layout=layout)
-    prompt_lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
-    out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, config=config, layout=layout)
-    return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n)
+    return config, graphdef, state, layout, tokens, mask
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "n", "layout"))

@@ -37,33 +37,30 @@ from pf_jax.models.config import ModelConfig
 from pf_jax.sampling.prompts import bucket_length
 from pf_jax.sharding.memory_plan import MemoryPlan, format_plan, plan_memory
 from pf_jax.training.methods import method_spec
-from pf_jax.training.model_source import BUILT_IN_BASES, CONFIGS_DIR, built_in_base_directory, tiny_codec
+from pf_jax.training.model_source import (
+    BUILT_IN_BASES,
+    CONFIGS_DIR,
+    built_in_base_directory,
+    tiny_model_config,
+)
 from pf_jax.training.recipe import ModelSection, TrainConfig
 
 MODEL_CONFIGS_DIR = CONFIGS_DIR / "models"
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
-def _tiny_config(section: ModelSection) -> ModelConfig:
-    codec, t = tiny_codec(section.tiny.tokenizer), section.tiny
-    return ModelConfig.tiny(t.architecture, vocab_size=codec.vocab_size, hidden_size=t.hidden_size,
-                            intermediate_size=t.intermediate_size, num_layers=t.num_layers, num_heads=t.num_heads,
-                            num_kv_heads=t.num_kv_heads, head_dim=t.head_dim, bos_token_id=codec.bos_id,
-                            eos_token_ids=codec.eos_ids, pad_token_id=codec.pad_id)
-
-
 def recipe_model_config(section: ModelSection, *, runs_dir: str | Path = "runs") -> ModelConfig:
     """The policy's architecture as the recipe names it, without reading any weights (see module doc)."""
     name = section.name
     if name == "tiny":
-        return _tiny_config(section)
+        return tiny_model_config(section)[0]
     if name in BUILT_IN_BASES:  # exported already, or the tiny model its recipe trains
         exported = built_in_base_directory(name, runs_dir) / "config.json"
         if exported.is_file():
             return ModelConfig.from_hf(json.loads(exported.read_text()))
         from pf_jax.config import load_config
 
-        return _tiny_config(load_config(TrainConfig, BUILT_IN_BASES[name][0], []).model)
+        return tiny_model_config(load_config(TrainConfig, BUILT_IN_BASES[name][0], []).model)[0]
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -97,7 +94,7 @@ def recipe_model_config(section: ModelSection, *, runs_dir: str | Path = "runs")
 
 def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[MemoryPlan, str]:
     """(memory plan of the recipe on its mesh, one line naming the sizes assumed)."""
-    from pf_jax.training.trainer import _needs_reference, _uses_samples
+    from pf_jax.training.trainer import _freezes_policy, _needs_reference, _uses_samples
 
     spec = method_spec(cfg.method.name)
     model = recipe_model_config(cfg.model, runs_dir=cfg.logging.runs_dir)
@@ -123,7 +120,7 @@ def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[M
     plan = plan_memory(
         # the policy's optimizer state (heads' parameter groups are negligible and not planned)
         model, shape, device_count=device_count, optimizer=cfg.optimizer.model_copy(update={"group_lr": {}}),
-        frozen_policy=spec.family == "reward_model" and cfg.reward_model.freeze_backbone,
+        frozen_policy=_freezes_policy(cfg, spec),
         param_dtype=param_dtype,
         compute_dtype=compute_dtype, reference=_needs_reference(cfg, spec), reference_dtype=param_dtype,
         sampler_copy=sampling, kv_cache=(sequences, length) if sampling else None,

@@ -69,20 +69,27 @@ def tiny_codec(tokenizer: str) -> TextCodec:
     return codecs[tokenizer]()
 
 
+def tiny_model_config(cfg: ModelSection) -> tuple[ModelConfig, TextCodec]:
+    """The architecture `model.tiny` describes, with the vocabulary and special ids of its codec."""
+    t = cfg.tiny
+    codec = tiny_codec(t.tokenizer)
+    config = ModelConfig.tiny(
+        t.architecture, vocab_size=codec.vocab_size, hidden_size=t.hidden_size,
+        intermediate_size=t.intermediate_size, num_layers=t.num_layers, num_heads=t.num_heads,
+        num_kv_heads=t.num_kv_heads, head_dim=t.head_dim, bos_token_id=codec.bos_id,
+        eos_token_ids=codec.eos_ids, pad_token_id=codec.pad_id,
+    )
+    return config, codec
+
+
 def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, TextCodec]:
     """The policy Decoder and the codec for its tokenizer, as named by `model.name`."""
     dtype, param_dtype = _dtype(cfg.dtype), _dtype(cfg.param_dtype)
     name = cfg.name
     if name == "tiny":
-        t = cfg.tiny
-        codec = tiny_codec(t.tokenizer)
-        config = ModelConfig.tiny(
-            t.architecture, vocab_size=codec.vocab_size, hidden_size=t.hidden_size,
-            intermediate_size=t.intermediate_size, num_layers=t.num_layers, num_heads=t.num_heads,
-            num_kv_heads=t.num_kv_heads, head_dim=t.head_dim, bos_token_id=codec.bos_id,
-            eos_token_ids=codec.eos_ids, pad_token_id=codec.pad_id,
-        )
-        model = Decoder(config, rngs=nnx.Rngs(t.init_seed), dtype=dtype, param_dtype=param_dtype, remat=cfg.remat)
+        config, codec = tiny_model_config(cfg)
+        model = Decoder(config, rngs=nnx.Rngs(cfg.tiny.init_seed), dtype=dtype, param_dtype=param_dtype,
+                        remat=cfg.remat)
         return model, codec
     if name in BUILT_IN_BASES:
         name = str(ensure_built_in_base(name, runs_dir))

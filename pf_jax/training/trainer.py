@@ -71,6 +71,11 @@ def _needs_reference(cfg: TrainConfig, spec: MethodSpec) -> bool:
     return bool(kl_coef) or bool(cfg.method.reward_kl_coef)
 
 
+def _freezes_policy(cfg: TrainConfig, spec: MethodSpec) -> bool:
+    """The policy is a frozen backbone (only the reward model's head trains): no optimizer state for it."""
+    return spec.family == "reward_model" and cfg.reward_model.freeze_backbone
+
+
 def load_training_rows(cfg: TrainConfig, spec: MethodSpec, codec: TextCodec) -> list[dict[str, Any]]:
     """Validated rows for the method: prompts (+ reference answers), SFT pairs, preference pairs, KTO rows."""
     count = lambda text: len(codec.encode_prompt(text))
@@ -164,7 +169,7 @@ class Trainer:
 
         r = cfg.rollout
         self.updates_per_step = (r.updates_per_batch * r.minibatches) if self.sampling else 1
-        frozen = frozenset({"policy"}) if spec.family == "reward_model" and cfg.reward_model.freeze_backbone else frozenset()
+        frozen = frozenset({"policy"}) if _freezes_policy(cfg, spec) else frozenset()
         self.tx = build_optimizer(cfg.optimizer, cfg.steps * self.updates_per_step, param_labels=_label_tree(params),
                                   frozen_groups=frozen)
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
