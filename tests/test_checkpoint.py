@@ -103,9 +103,11 @@ def _data_files(step_dir: Path) -> list[Path]:
     return sorted(files, key=lambda p: p.stat().st_size)
 
 
-def _truncate_largest(step_dir):
-    largest = _data_files(step_dir)[-1]
-    os.truncate(largest, largest.stat().st_size // 2)
+def _truncate_data(step_dir):
+    # Every data file: orbax keeps per-process files beside the merged database, and a restore need not read
+    # the largest of them (truncating only the largest left a readable checkpoint in ~1 run in 5).
+    for path in _data_files(step_dir):
+        os.truncate(path, path.stat().st_size // 2)
 
 
 def _remove_data(step_dir):
@@ -113,11 +115,15 @@ def _remove_data(step_dir):
         path.unlink()
 
 
+# When one read of a damaged checkpoint fails, orbax's restore returns while tensorstore still has reads in
+# flight; they complete later and post to the event loop orbax has closed, which Python reports as an ignored
+# "Event loop is closed". That is orbax's, not the behaviour under test.
+@pytest.mark.filterwarnings("ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
         (lambda d: (d / "commit_success.txt").unlink(), "no commit marker"),
-        (_truncate_largest, "unreadable"),
+        (_truncate_data, "unreadable"),
         (_remove_data, "unreadable"),
         (lambda d: (d / "meta" / "metadata").unlink(), "unreadable"),
         (lambda d: (d / "meta" / "metadata").write_text('{"step": 2}'), "sidecar for step 2"),
