@@ -103,3 +103,57 @@ def test_resuming_with_another_model_is_a_clear_error_and_moves_nothing(tmp_path
     assert "holds a different state than this run's: params/" in err, err
     assert "has shape (32, 16) in the checkpoint, (64, 16) here" in err, err  # the hidden size named
     assert sorted(p.name for p in checkpoints.iterdir()) == before  # nothing moved to corrupt/
+
+
+def _in_process(runs_dir: Path, *extra: str):
+    from pf_jax.config import load_config
+    from pf_jax.training.recipe import TrainConfig
+    from pf_jax.training.trainer import Trainer
+
+    return Trainer(load_config(TrainConfig, None, [*RECIPE, "steps=4", "checkpoint.every_steps=100",
+                                                   f"logging.runs_dir={runs_dir}", "logging.run_name=r", *extra]))
+
+
+def _fail_on_call(monkeypatch, owner, name: str, call: int, error: BaseException) -> None:
+    """Fault injection: the real `owner.name`, except that its `call`-th call raises `error`."""
+    real, calls = getattr(owner, name), [0]
+
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == call:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapped)
+
+
+@pytest.mark.parametrize("error", [RuntimeError("environment crashed"), KeyboardInterrupt()],
+                         ids=["exception", "ctrl-c"])
+def test_an_error_mid_run_saves_the_last_finished_step_then_resumes(tmp_path, capsys, monkeypatch, error):
+    """checkpoint.every_steps=100 would save nothing before step 4: an error while making step 3's batch
+    must not lose steps 1-2, and the resumed run ends exactly where an unbroken one does."""
+    from pf_jax.training.trainer import Trainer
+
+    straight = _in_process(tmp_path / "straight").run()
+    assert straight.completed
+    with monkeypatch.context() as patch:
+        _fail_on_call(patch, Trainer, "make_batch", 3, error)
+        with pytest.raises(type(error)):
+            _in_process(tmp_path / "broken").run()
+    assert "failed during step 3; saved step 2 first" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "broken" / "r" / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
+    resumed = _in_process(tmp_path / "broken").run()
+    assert resumed.completed and resumed.final_step == 4
+    assert "resumed" in capsys.readouterr().out
+    _assert_same(_final_params(tmp_path / "broken"), _final_params(tmp_path / "straight"))
+
+
+def test_an_error_inside_an_update_saves_nothing_half_updated(tmp_path, capsys, monkeypatch):
+    """The recipe updates in 2 minibatches x 2 passes: an error at step 3's second minibatch leaves a state
+    that is neither step 2 nor step 3, so nothing is saved and the message says why."""
+    trainer = _in_process(tmp_path)
+    _fail_on_call(monkeypatch, trainer, "train_step", 2 * 4 + 2, RuntimeError("device lost"))
+    with pytest.raises(RuntimeError, match="device lost"):
+        trainer.run()
+    assert "step 2 cannot be saved" in capsys.readouterr().err
+    assert not any(p.name.isdigit() for p in (tmp_path / "r" / "checkpoints").iterdir())

@@ -7,9 +7,11 @@ ends with the parameters of a run that was never interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -330,7 +332,8 @@ class Trainer:
                                                resume_step=start, config=cfg.model_dump())
             completed = start >= cfg.steps
             done = start
-            with StopSignal() as stop:
+            finished: tuple[Any, dict] | None = None  # the last step finished here: (state, checkpoint meta)
+            with StopSignal() as stop, _saved_on_error(lambda: self._save_finished(checkpointer, done, finished)):
                 for step in range(start, cfg.steps):
                     t0 = time.perf_counter()
                     rows = self.iterator.next_batch()
@@ -348,6 +351,7 @@ class Trainer:
                     logger.log(step + 1, metrics)
                     done = step + 1
                     meta = {"data": self.iterator.state.to_json()}
+                    finished = (self.state, meta)
                     last = step + 1 == cfg.steps
                     checkpointer.save(step + 1, self.state, meta, force=last or stop.requested)
                     if last:
@@ -378,6 +382,23 @@ class Trainer:
         result.evaluation = evaluation
         return result
 
+    def _save_finished(self, checkpointer: Checkpointer, step: int, finished: tuple[Any, dict] | None) -> None:
+        """After an exception: save the last step this process finished, unless it is already saved or the
+        state has moved on since (an update part-way through minibatches, or buffers donated to a failed
+        update). Only with one process: a save is collective, and the other processes may not have failed."""
+        if finished is None or self.process_count > 1:
+            return
+        state, meta = finished
+        if state is not self.state or any(getattr(x, "is_deleted", lambda: False)()
+                                         for x in jax.tree_util.tree_leaves(state)):
+            print(f"[pf_jax] the run failed during step {step + 1}; step {step} cannot be saved (its state was "
+                  f"already being updated)", file=sys.stderr)
+            return
+        if checkpointer.save(step, state, meta, force=True):
+            checkpointer.wait()
+            print(f"[pf_jax] the run failed during step {step + 1}; saved step {step} first: rerun the same command "
+                  f"to resume from it", file=sys.stderr)
+
     def export(self) -> Path:
         directory = self.run_dir / "export"
         if self.spec.family == "reward_model":
@@ -395,6 +416,20 @@ class Trainer:
 
         write_report(self.run_dir / "eval", list(evaluation.values()),
                      title=f"{self.cfg.logging.run_name}: held-out accuracy", include_responses=False)
+
+
+@contextlib.contextmanager
+def _saved_on_error(save: Callable[[], None]) -> Iterator[None]:
+    """Calls `save` when the body raises (Ctrl-C included), then lets the error go on; a failure of the save
+    itself is reported, not raised over the original error."""
+    try:
+        yield
+    except (Exception, KeyboardInterrupt):
+        try:
+            save()
+        except Exception as error:  # the original error is the one to raise
+            print(f"[pf_jax] could not save the last finished step: {type(error).__name__}: {error}", file=sys.stderr)
+        raise
 
 
 def _result_from_json(data: dict[str, Any]) -> MethodResult:
