@@ -15,7 +15,7 @@ from pf_jax.models.decoder import Decoder
 from pf_jax.rewards.step_advantages import gigpo_advantages, grpo_episode_advantages, rewardflow_advantages
 from pf_jax.sampling import sampler as sampler_module
 from pf_jax.sampling.sampler import GenerationConfig
-from pf_jax.sampling.turn_policy import SamplerPolicy, encode_messages, render_plain
+from pf_jax.sampling.turn_policy import PromptTooLongError, SamplerPolicy, encode_messages, render_plain
 from pf_jax.training.agentic import pack_step_rows
 from pf_jax.training.batch import pack_sequences
 from pf_jax.training.objective import response_logprobs
@@ -92,6 +92,19 @@ def test_turn_policy_rejects_a_bad_batch_size():
         SamplerPolicy(_tiny_model(), CODEC, GenerationConfig(), batch_size=0, key=jax.random.key(0))
 
 
+def test_turn_prompt_over_the_limit_is_a_named_error():
+    """A prompt is never cut (that would drop the task or the observation): over data.max_prompt_tokens the
+    turn names itself and the two settings that bound it."""
+    requests = _requests(2, history_window=2)
+    longest = max(len(encode_messages(CODEC, r.messages)) for r in requests)
+    gen = GenerationConfig(max_new_tokens=2, eos_token_ids=CODEC.eos_ids, pad_token_id=CODEC.pad_id)
+    model, key = _tiny_model(), jax.random.key(0)
+    assert len(SamplerPolicy(model, CODEC, gen, batch_size=2, key=key, max_prompt_tokens=longest)(requests)) == 2
+    with pytest.raises(PromptTooLongError, match=rf"turn 0 of episode \d: the prompt has {longest} tokens, more than "
+                                                 rf"data.max_prompt_tokens={longest - 1}; .*env.history_window"):
+        SamplerPolicy(model, CODEC, gen, batch_size=2, key=key, max_prompt_tokens=longest - 1)(requests)
+
+
 TINY_MAZE = [
     "model.name=tiny", "model.tiny.hidden_size=32", "model.tiny.intermediate_size=64", "model.tiny.num_layers=1",
     "model.tiny.num_heads=2", "model.tiny.num_kv_heads=1", "model.tiny.head_dim=16", "model.tiny.tokenizer=maze-words",
@@ -151,11 +164,19 @@ def test_pack_step_rows_refuses_steps_without_tokens():
         pack_step_rows([ep], 0)
 
 
+def test_agentic_run_stops_on_a_turn_prompt_over_data_max_prompt_tokens(tmp_path):
+    trainer = _trainer(tmp_path, "rewardflow", "data.max_prompt_tokens=8")
+    with pytest.raises(PromptTooLongError, match=r"more than data\.max_prompt_tokens=8"):
+        trainer.run()
+
+
 def test_agentic_run_trains_and_logs_success(tmp_path):
     trainer = _trainer(tmp_path, "rewardflow", "steps=2", "method.loss={kl_coef: 0.0}", "method.entropy_coef=0.001")
     assert trainer.ref_params is None
     result = trainer.run()
     assert result.completed and result.final_step == 2
+    longest = max(s.prompt_tokens.size for e in trainer.agentic.last_episodes for s in e.steps)
+    assert result.summary["prompt_tokens_max"]["last"] == longest
     assert "success_rate" in result.summary and np.isfinite(result.summary["loss"]["last"])
 
 

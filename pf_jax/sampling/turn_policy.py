@@ -34,22 +34,37 @@ def encode_messages(codec: TextCodec, messages: Sequence[Mapping[str, str]]) -> 
     return list(codec.encode_prompt(render_plain(messages)))
 
 
+class PromptTooLongError(ValueError):
+    """A turn's prompt has more tokens than the run allows (`data.max_prompt_tokens`)."""
+
+
 class SamplerPolicy:
     """`Policy` for `run_rollouts`: a Decoder sampled with `generate`, `batch_size` rows per call.
 
     Every call uses a fresh key, fold_in(key, call number), so a run is reproducible. Requests beyond
-    batch_size are answered in several calls of the same shape.
+    batch_size are answered in several calls of the same shape. A turn prompt longer than
+    `max_prompt_tokens` raises PromptTooLongError rather than being cut: cutting would drop the task or the
+    current observation, and an unbounded prompt would outgrow the memory the run was planned for.
     """
 
     def __init__(self, model: Decoder, codec: TextCodec, config: GenerationConfig, *, batch_size: int,
-                 key: jax.Array) -> None:
+                 key: jax.Array, max_prompt_tokens: int | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"SamplerPolicy: batch_size must be >= 1, got {batch_size}")
         self.model, self.codec, self.config = model, codec, config
         self.batch_size, self.key, self.calls = batch_size, key, 0
+        self.max_prompt_tokens = max_prompt_tokens
 
     def __call__(self, requests: Sequence[TurnRequest]) -> list[PolicyResponse]:
         prompts = [encode_messages(self.codec, r.messages) for r in requests]
+        limit = self.max_prompt_tokens
+        if limit is not None:
+            for request, prompt in zip(requests, prompts):
+                if len(prompt) > limit:
+                    raise PromptTooLongError(
+                        f"turn {request.turn} of episode {request.episode_index}: the prompt has {len(prompt)} "
+                        f"tokens, more than data.max_prompt_tokens={limit}; raise data.max_prompt_tokens or show "
+                        f"fewer earlier turns (env.history_window)")
         out: list[PolicyResponse] = []
         for start in range(0, len(prompts), self.batch_size):
             chunk = prompts[start : start + self.batch_size]

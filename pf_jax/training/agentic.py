@@ -127,11 +127,13 @@ class AgenticExperience:
         self.graphdefs, self.gen, self.scorer = graphdefs, gen, scorer
         self.make_env = env_factory(cfg.env)
         self.rollout = rollout_config(cfg.env)
+        self.max_prompt_tokens = cfg.data.max_prompt_tokens
         self.last_episodes: list[Episode] = []
 
     def rollouts(self, rows: Sequence[Mapping[str, Any]], policy_params: nnx.State, key: jax.Array) -> list[Episode]:
         model = nnx.merge(self.graphdefs["policy"], policy_params)
-        policy = SamplerPolicy(model, self.codec, self.gen, batch_size=len(rows) * self.env.group_size, key=key)
+        policy = SamplerPolicy(model, self.codec, self.gen, batch_size=len(rows) * self.env.group_size, key=key,
+                               max_prompt_tokens=self.max_prompt_tokens)
         return run_rollouts(self.make_env, [(str(r["task"]), int(r["seed"])) for r in rows], self.env.group_size,
                             policy, self.rollout)
 
@@ -149,5 +151,6 @@ class AgenticExperience:
             batch["ref_logp"] = self.scorer.logprobs(ref_params, seq)
         metrics = episode_metrics(episodes)
         metrics.update(step_rows=float(real.sum()), advantage_abs_mean=float(np.mean(np.abs(step_adv))),
-                       response_length=float(np.mean([s.response_tokens.size for e in episodes for s in e.steps])))
+                       response_length=float(np.mean([s.response_tokens.size for e in episodes for s in e.steps])),
+                       prompt_tokens_max=float(max(s.prompt_tokens.size for e in episodes for s in e.steps)))
         return batch, metrics

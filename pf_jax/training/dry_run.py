@@ -16,7 +16,8 @@ What the recipe decides, and how the plan reads it:
                      batch / rollout.minibatches / optimizer.grad_accum_steps (sampling methods) or
                      batch_size / grad_accum_steps, same length; agentic methods: env.tasks_per_step x
                      group_size episodes in the sampler, tasks x group x max_steps step rows (bucketed by
-                     min_row_bucket) per update, each turn's prompt bounded by data.max_prompt_tokens
+                     min_row_bucket) per update, each turn's prompt bounded by data.max_prompt_tokens (the
+                     rollout stops with PromptTooLongError beyond it)
 The compiled step's temporary memory is reported when this process sees at least the mesh's device count
 (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=64 JAX_PLATFORMS=cpu).
 """
