@@ -34,12 +34,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         plan(cfg)
         return 0
+    from pf_jax.sampling.turn_policy import PromptTooLongError
     from pf_jax.training.checkpoint import CheckpointMismatchError
     from pf_jax.training.trainer import train
 
     try:
         result = train(cfg)
-    except CheckpointMismatchError as error:  # the run dir holds another recipe's checkpoints: nothing moved
+    # the run dir holds another recipe's checkpoints (nothing moved), or an agentic turn prompt outgrew
+    # data.max_prompt_tokens (the last finished step was saved): the recipe needs a change, not a traceback
+    except (CheckpointMismatchError, PromptTooLongError) as error:
         print(f"pf_jax.train: {error}", file=sys.stderr)
         return 2
     if not result.completed:

@@ -164,10 +164,16 @@ def test_pack_step_rows_refuses_steps_without_tokens():
         pack_step_rows([ep], 0)
 
 
-def test_agentic_run_stops_on_a_turn_prompt_over_data_max_prompt_tokens(tmp_path):
+def test_agentic_run_stops_on_a_turn_prompt_over_data_max_prompt_tokens(tmp_path, capsys):
     trainer = _trainer(tmp_path, "rewardflow", "data.max_prompt_tokens=8")
     with pytest.raises(PromptTooLongError, match=r"more than data\.max_prompt_tokens=8"):
         trainer.run()
+    from pf_jax.train import main
+
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("method: {name: rewardflow}\n")
+    assert main(["--config", str(recipe), *TINY_MAZE, f"logging.runs_dir={tmp_path}", "data.max_prompt_tokens=8"]) == 2
+    assert "pf_jax.train: turn 0 of episode 0: the prompt has" in capsys.readouterr().err
 
 
 def test_agentic_run_trains_and_logs_success(tmp_path):
