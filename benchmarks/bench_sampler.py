@@ -1,16 +1,22 @@
 """Sampler throughput: pf_jax `generate` vs transformers `generate` (PyTorch), side by side in one process.
 
-Model: the embedded Gemma 3 270M (GGUF, dequantised), float32, on CPU; transformers loads the very same
-weights (exported by pf_jax to an HF directory). Sampling at temperature 1 over the full vocabulary
+Model: the embedded Gemma 3 270M (GGUF, dequantised), float32 by default (`--dtype bfloat16` stores and
+computes in bf16), on CPU unless JAX_PLATFORMS says otherwise; transformers loads the very same weights
+(exported by pf_jax to an HF directory) in the same dtype, on the same kind of device. Sampling at temperature 1 over the full vocabulary
 (no top-k / top-p), min_new_tokens = max_new_tokens so that no sequence stops early. Timings are wall
 clock of a whole call (prefill + decode), compilation excluded (one warm-up call each). Runs of the two
 implementations alternate, so machine noise hits both; the ratio of the best runs is the headline.
 
 Roofline: a decode step must read every weight once (the tied embedding as the output head), so
-tokens/s <= batch * read bandwidth / weight bytes. The read bandwidth is measured here (sums over a
-1 GiB array: numpy on 1 and 2 threads, XLA), the best figure being used.
+tokens/s <= batch * read bandwidth / weight bytes. The read bandwidth is measured here: on CPU, sums over
+a 1 GiB array (numpy on 1 and 2 threads, XLA), the best figure being used; on an accelerator, an XLA sum
+over a 4 GiB array in device memory.
 
     python benchmarks/bench_sampler.py [--batch 1 16] [--new-tokens 64 128] [--repeats 3] [--json out.json]
+    JAX_PLATFORMS=cuda python benchmarks/bench_sampler.py --dtype bfloat16     # on a GPU (issue 9)
+
+transformers runs on CUDA when JAX does and torch has CUDA; with JAX on an accelerator and a CPU-only
+torch, the comparison would be across devices, so transformers is skipped and said so.
 """
 
 from __future__ import annotations
@@ -40,9 +46,24 @@ from pf_jax.sampling import GenerationConfig, SamplingParams, generate
 PROMPT = "The history of the printing press begins"
 
 
+def measure_device_read_bandwidth(gib: float = 4.0, repeats: int = 5) -> dict[str, float]:
+    """Bytes/s read by an XLA sum over a gib-GiB float32 array in accelerator memory. Best of `repeats`."""
+    x = jnp.ones(int(gib * 2**30) // 4, jnp.float32)
+    total = jax.jit(jnp.sum)
+    total(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        total(x).block_until_ready()
+        times.append(time.perf_counter() - start)
+    return {"xla_device": x.nbytes / min(times)}
+
+
 def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
     """Bytes/s read by summing a gib-GiB float32 array: numpy on 1 thread, numpy on 2 threads (halves
     summed concurrently; numpy releases the GIL in reductions), and an XLA jnp.sum. Best of `repeats`."""
+    if jax.default_backend() != "cpu":
+        return measure_device_read_bandwidth()
     x = np.ones(int(gib * 2**30) // 4, np.float32)
     halves = np.array_split(x, 2)
 
@@ -85,6 +106,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each implementation per setting")
     parser.add_argument("--torch-threads", type=int, default=2)
     parser.add_argument("--skip-transformers", action="store_true")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="parameter and compute dtype of both implementations")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args()
 
@@ -92,9 +115,18 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(args.torch_threads)
+    backend = jax.default_backend()
+    device_name = f"{backend} ({jax.devices()[0].device_kind})"
+    torch_device = "cpu" if backend == "cpu" else "cuda"
+    if backend != "cpu" and not (backend == "gpu" and torch.cuda.is_available()) and not args.skip_transformers:
+        print(f"transformers skipped: JAX runs on {device_name}, torch has no device of that kind", flush=True)
+        args.skip_transformers = True
+    jax_dtype, torch_dtype = {"float32": (jnp.float32, torch.float32),
+                              "bfloat16": (jnp.bfloat16, torch.bfloat16)}[args.dtype]
     load_start = time.perf_counter()
-    model, tokenizer = load_model("gemma3-270m", scan_layers=False)
-    print(f"loaded gemma3-270m in {time.perf_counter() - load_start:.1f}s", flush=True)
+    model, tokenizer = load_model("gemma3-270m", dtype=jax_dtype, param_dtype=jax_dtype, scan_layers=False)
+    print(f"loaded gemma3-270m ({args.dtype}) on {device_name} in {time.perf_counter() - load_start:.1f}s",
+          flush=True)
     weight_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(model)))
     bandwidth = measure_read_bandwidth()
     read_bw = max(bandwidth.values())
@@ -104,7 +136,7 @@ def main() -> None:
     if not args.skip_transformers:
         with tempfile.TemporaryDirectory() as tmp:
             export_hf_directory(model, tmp)
-            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            hf = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype).to(torch_device).eval()
     prompt_ids = tokenizer(PROMPT).input_ids
 
     rows = []
@@ -122,12 +154,14 @@ def main() -> None:
                 assert int(result.lengths.min()) == config.max_new_tokens
 
             def theirs(batch=batch, new_tokens=new_tokens) -> None:
-                input_ids = torch.tensor([prompt_ids] * batch)
+                input_ids = torch.tensor([prompt_ids] * batch, device=torch_device)
                 with torch.inference_mode():
                     out = hf.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=True,
                                       temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
                                       min_new_tokens=new_tokens, pad_token_id=0)
                 assert out.shape[1] == len(prompt_ids) + new_tokens
+                if torch_device == "cuda":
+                    torch.cuda.synchronize()
 
             compile_s = time_call(ours)
             if hf is not None:
@@ -155,7 +189,8 @@ def main() -> None:
             rows.append(row)
             print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
 
-    print(f"\nGemma 3 270M, float32, CPU ({os.cpu_count()} cores, torch threads {args.torch_threads}), "
+    print(f"\nGemma 3 270M, {args.dtype}, {device_name}, {os.cpu_count()} CPU cores, torch threads "
+          f"{args.torch_threads}, "
           f"T=1 full-vocabulary sampling; weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
           f"{read_bw / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
     print("| batch | new tokens | pf_jax tok/s | transformers tok/s | ratio | roofline tok/s | pf_jax / roofline |")
@@ -167,8 +202,8 @@ def main() -> None:
         print(f"| {r['batch']} | {r['new_tokens']} | {r['ours_tok_s_best']:.1f} ({r['ours_tok_s_median']:.1f}) | "
               f"{theirs_txt} | {ratio_txt} | {r['roofline_tok_s']:.1f} | {r['ours_roofline_fraction']:.2f} |")
     if args.json:
-        args.json.write_text(json.dumps({"bandwidth_bytes_s": bandwidth, "weight_bytes": weight_bytes,
-                                         "rows": rows}, indent=2))
+        args.json.write_text(json.dumps({"device": device_name, "dtype": args.dtype, "bandwidth_bytes_s": bandwidth,
+                                         "weight_bytes": weight_bytes, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
