@@ -33,12 +33,11 @@ from jax import Array
 
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.kv_cache import KVCache
-from pf_jax.models.logprobs import positions_from_mask
 from pf_jax.sampling.filters import SamplingParams, sample_next_token
 from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.power_math import ChainState, ProposeSuffix, power_sample
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
-from pf_jax.sampling.sampler import GenerationConfig, prepare_prompts
+from pf_jax.sampling.sampler import GenerationConfig, prefill, prepare_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,12 +145,10 @@ def _power_generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mas
                     ) -> tuple[dict[str, Array], Array]:
     """Prefill the left-padded prompts [B, P], repeat each row n times, run ``power_sample``."""
     model = nnx.merge(graphdef, state)
-    cache = KVCache.init(model.cfg, tokens.shape[0], tokens.shape[1] + config.max_new_tokens, model.dtype)
-    hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
-    cache = layout.constrain_cache(cache.repeat_rows(n))
-    repeat = lambda x: layout.constrain_rows(jnp.repeat(x, n, axis=0))
-    prompt_lengths = repeat(jnp.sum(mask, axis=-1).astype(jnp.int32))
-    propose = kv_cache_suffix_proposer(model, repeat(hidden[:, -1]), cache, prompt_lengths,
+    hidden, cache = prefill(graphdef, state, tokens, mask, cache_len=tokens.shape[1] + config.max_new_tokens, n=n,
+                             layout=layout)
+    prompt_lengths = layout.constrain_rows(jnp.repeat(jnp.sum(mask, axis=-1).astype(jnp.int32), n, axis=0))
+    propose = kv_cache_suffix_proposer(model, hidden, cache, prompt_lengths,
                                        power.proposal(config.sampling),
                                        config.eos_token_ids + config.stop_token_ids, config.pad_token_id, layout)
     chains, acceptance = power_sample(key, propose, tokens.shape[0] * n, config.max_new_tokens,

@@ -1,7 +1,7 @@
 """Compiled generation: one jitted prefill, one jitted decode loop (lax.while_loop over a donated KV
 cache), exact per-token log-probs.
 
-The two jit boundaries below (`_prefill`, `_decode`) are the only ones on the hot path. Their static
+The two jit boundaries below (`prefill`, `_decode`) are the only ones on the hot path. Their static
 arguments are the model's graph definition, the padded shapes and the
 GenerationConfig, so a run whose prompts fall in the same power-of-two length bucket compiles once.
 """
@@ -86,7 +86,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
     if model.scan_layers:
         model = with_layer_layout(model, scan_layers=False)
     config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, n)
-    hidden, cache = _prefill(graphdef, state, *layout.place_rows((tokens, mask)),
+    hidden, cache = prefill(graphdef, state, *layout.place_rows((tokens, mask)),
                              cache_len=tokens.shape[1] + config.max_new_tokens, n=n, layout=layout)
     prompt_lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
     out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, config=config, layout=layout)
@@ -114,7 +114,7 @@ def prepare_prompts(model: Decoder, prompts: Sequence[Sequence[int]], config: Ge
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cache_len", "n", "layout"))
-def _prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array, *, cache_len: int,
+def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array, *, cache_len: int,
              n: int, layout: RowLayout) -> tuple[Array, KVCache]:
     """Run the left-padded prompts [B, P] through the model into a fresh cache of cache_len slots, then
     repeat every row n times. Returns (last hidden state [B*n, D], cache with batch B*n), rows laid out

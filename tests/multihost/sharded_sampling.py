@@ -51,7 +51,7 @@ def on_mesh(m: Decoder, shape: tuple[int, int, int]) -> Decoder:
 def decode_flops(m: Decoder, prompts, n: int, config: GenerationConfig) -> tuple[float, dict[str, int]]:
     """Per-device FLOPs of the compiled decode loop and its collective ops, for m's weight layout."""
     config, graphdef, state, layout, tokens, mask = sampler.prepare_prompts(m, prompts, config, n)
-    hidden, cache = sampler._prefill(graphdef, state, *layout.place_rows((tokens, mask)),
+    hidden, cache = sampler.prefill(graphdef, state, *layout.place_rows((tokens, mask)),
                                      cache_len=tokens.shape[1] + config.max_new_tokens, n=n, layout=layout)
     lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
     compiled = sampler._decode.lower(graphdef, state, hidden, cache, lengths, jax.random.key(0), config=config,
