@@ -50,13 +50,7 @@ def measure_device_read_bandwidth(gib: float = 4.0, repeats: int = 5) -> dict[st
     """Bytes/s read by an XLA sum over a gib-GiB float32 array in accelerator memory. Best of `repeats`."""
     x = jnp.ones(int(gib * 2**30) // 4, jnp.float32)
     total = jax.jit(jnp.sum)
-    total(x).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        total(x).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return {"xla_device": x.nbytes / min(times)}
+    return {"xla_device": best_rate(x.nbytes, lambda: total(x).block_until_ready(), repeats)}
 
 
 def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, float]:
@@ -67,14 +61,7 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 5) -> dict[str, floa
     x = np.ones(int(gib * 2**30) // 4, np.float32)
     halves = np.array_split(x, 2)
 
-    def best(fn) -> float:
-        fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-        return x.nbytes / min(times)
+    best = lambda fn: best_rate(x.nbytes, fn, repeats)
 
     def two_threads() -> None:
         threads = [threading.Thread(target=np.sum, args=(h,)) for h in halves]
@@ -97,6 +84,12 @@ def time_call(fn) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def best_rate(nbytes: int, fn, repeats: int) -> float:
+    """nbytes / the fastest of `repeats` timed calls of fn, after one untimed warm-up call."""
+    fn()
+    return nbytes / min(time_call(fn) for _ in range(repeats))
 
 
 def main() -> None:
