@@ -332,8 +332,8 @@ class Trainer:
                                                resume_step=start, config=cfg.model_dump())
             completed = start >= cfg.steps
             done = start
-            finished: tuple[Any, dict] | None = None  # the last step finished here: (state, checkpoint meta)
-            with StopSignal() as stop, _saved_on_error(lambda: self._save_finished(checkpointer, done, finished)):
+            finished: tuple[int, Any, dict] | None = None  # the last step finished here: (step, state, meta)
+            with StopSignal() as stop, _saved_on_error(lambda: self._save_finished(checkpointer, finished)):
                 for step in range(start, cfg.steps):
                     t0 = time.perf_counter()
                     rows = self.iterator.next_batch()
@@ -351,7 +351,7 @@ class Trainer:
                     logger.log(step + 1, metrics)
                     done = step + 1
                     meta = {"data": self.iterator.state.to_json()}
-                    finished = (self.state, meta)
+                    finished = (done, self.state, meta)
                     last = step + 1 == cfg.steps
                     checkpointer.save(step + 1, self.state, meta, force=last or stop.requested)
                     if last:
@@ -382,13 +382,13 @@ class Trainer:
         result.evaluation = evaluation
         return result
 
-    def _save_finished(self, checkpointer: Checkpointer, step: int, finished: tuple[Any, dict] | None) -> None:
+    def _save_finished(self, checkpointer: Checkpointer, finished: tuple[int, Any, dict] | None) -> None:
         """After an exception: save the last step this process finished, unless it is already saved or the
         state has moved on since (an update part-way through minibatches, or buffers donated to a failed
         update). Only with one process: a save is collective, and the other processes may not have failed."""
         if finished is None or self.process_count > 1:
             return
-        state, meta = finished
+        step, state, meta = finished
         if state is not self.state or any(getattr(x, "is_deleted", lambda: False)()
                                          for x in jax.tree_util.tree_leaves(state)):
             print(f"[pf_jax] the run failed during step {step + 1}; step {step} cannot be saved (its state was "
