@@ -39,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pf_jax.kernels import skinny_matmul
 from pf_jax.models.hf_io import export_hf_directory
 from pf_jax.models.registry import load_model
 from pf_jax.sampling import GenerationConfig, SamplingParams, generate
@@ -124,6 +125,8 @@ def main() -> None:
     bandwidth = measure_read_bandwidth()
     read_bw = max(bandwidth.values())
     print("read bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items()), flush=True)
+    # pf_jax.kernels' head matmul (PF_JAX_CPU_KERNELS=0 turns it off, for A/B runs)
+    cpu_kernel = backend == "cpu" and args.dtype == "float32" and skinny_matmul.available()
 
     hf = None
     if not args.skip_transformers:
@@ -185,7 +188,7 @@ def main() -> None:
     print(f"\nGemma 3 270M, {args.dtype}, {device_name}, {os.cpu_count()} CPU cores, torch threads "
           f"{args.torch_threads}, "
           f"T=1 full-vocabulary sampling; weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
-          f"{read_bw / 1e9:.1f} GB/s; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
+          f"{read_bw / 1e9:.1f} GB/s; CPU head kernel {'on' if cpu_kernel else 'off'}; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
     print("| batch | new tokens | pf_jax tok/s | transformers tok/s | ratio | roofline tok/s | pf_jax / roofline |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -196,7 +199,7 @@ def main() -> None:
               f"{theirs_txt} | {ratio_txt} | {r['roofline_tok_s']:.1f} | {r['ours_roofline_fraction']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "dtype": args.dtype, "bandwidth_bytes_s": bandwidth,
-                                         "weight_bytes": weight_bytes, "rows": rows}, indent=2))
+                                         "weight_bytes": weight_bytes, "cpu_kernel": cpu_kernel, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

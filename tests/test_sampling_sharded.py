@@ -36,7 +36,7 @@ def test_prompts_are_padded_until_the_rows_divide_by_the_shard_count():
 def test_weights_on_one_device_are_not_split():
     model = Decoder(ModelConfig.tiny("llama"), rngs=nnx.Rngs(0))
     layout = RowLayout.of(nnx.split(model)[1])
-    assert layout == RowLayout() and layout.shards == 1
+    assert layout == RowLayout(one_device=True) and layout.shards == 1
     z = np.arange(6.0).reshape(2, 3)
     assert layout.rowwise(lambda x: x * 2)(z).tolist() == (z * 2).tolist()
 

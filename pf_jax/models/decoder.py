@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
+from pf_jax.kernels import matmul_nt
 from pf_jax.models.config import ModelConfig, rope_inverse_frequencies
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.sharding.mesh import constrain
@@ -142,10 +143,16 @@ class Decoder(nnx.Module):
         """[V, D] output projection (the embedding when tied); contract over D, never transpose."""
         return self.embed[...] if self.cfg.tie_embeddings else self.lm_head_weight[...]
 
-    def logits(self, hidden: Array) -> Array:
-        """[B, T, V] float32 logits, soft-capped (c tanh(z / c)) where configured. Small vocab / last step only."""
+    def logits(self, hidden: Array, *, one_device: bool = False) -> Array:
+        """[B, T, V] float32 logits, soft-capped (c tanh(z / c)) where configured. Small vocab / last step only.
+
+        one_device: the arrays are on one device, so the head may take pf_jax.kernels.matmul_nt (faster on
+        CPU for a few rows: decode steps)."""
         head = self.lm_head().astype(hidden.dtype)
-        z = jnp.einsum("btd,vd->btv", hidden, head, preferred_element_type=jnp.float32)
+        if one_device:
+            z = matmul_nt(hidden, head)
+        else:
+            z = jnp.einsum("btd,vd->btv", hidden, head, preferred_element_type=jnp.float32)
         cap = self.cfg.final_logit_softcap
         return z if cap is None else jnp.tanh(z / cap) * cap
 

@@ -36,25 +36,29 @@ def padded_prompt_count(prompts: int, n: int, shards: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
-    """The mesh and the mesh axes that split the sampler's rows; mesh None = no split (one device).
+    """The mesh and the mesh axes that split the sampler's rows; mesh None = no split. one_device: every
+    weight is on a single device, so per-device kernels without a sharding rule (pf_jax.kernels) may run.
 
     Hashable: a static argument of the sampler's jitted functions.
     """
 
     mesh: Mesh | None = None
     axes: tuple[str, ...] = ()
+    one_device: bool = False
 
     @classmethod
     def of(cls, weights: Any) -> RowLayout:
         """The layout for weights (an nnx.State or any pytree of arrays): split over the batch-rule axes of
         size > 1 of the mesh holding the first array placed on a multi-device mesh, else no split."""
-        for leaf in jax.tree_util.tree_leaves(weights):
+        leaves = jax.tree_util.tree_leaves(weights)
+        for leaf in leaves:
             sharding = getattr(leaf, "sharding", None)
             if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
                 mesh_shape = dict(sharding.mesh.shape)
                 axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh_shape.get(a, 1) > 1)
                 return cls(sharding.mesh, axes) if axes else cls()
-        return cls()
+        return cls(one_device=all(len(getattr(leaf, "sharding", None).device_set) == 1 for leaf in leaves
+                                  if hasattr(leaf, "sharding")))
 
     @property
     def shards(self) -> int:

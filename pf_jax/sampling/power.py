@@ -80,7 +80,7 @@ def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache:
         batch, max_len = state.tokens.shape
 
         def emit(t: Array, hidden: Array, carry: dict[str, Array]) -> dict[str, Array]:
-            logits = model.logits(hidden[:, None])[:, 0]  # [N, V]
+            logits = model.logits(hidden[:, None], one_device=layout is not None and layout.one_device)[:, 0]
             drawn, logp_drawn, logq_drawn = sample_next_token(jax.random.fold_in(key, t), logits, proposal,
                                                                 rowwise=None if layout is None else layout.rowwise)
             column = lambda x: jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)

@@ -146,7 +146,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
             ids = jnp.where(i < config.min_new_tokens, jnp.asarray(ends, jnp.int32), model.cfg.vocab_size)
             excluded = jnp.broadcast_to(ids, (batch, len(ends)))
         token, policy_logp, sample_logp = sample_next_token(
-            jax.random.fold_in(key, i), model.logits(hidden[:, None])[:, 0], config.sampling, excluded,
+            jax.random.fold_in(key, i), model.logits(hidden[:, None], one_device=layout.one_device)[:, 0], config.sampling, excluded,
             rowwise=layout.rowwise)
         active = ~carry["done"]
         is_eos, is_stop = jnp.isin(token, eos), jnp.isin(token, stop)
