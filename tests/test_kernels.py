@@ -11,30 +11,49 @@ import pytest
 from flax import nnx
 
 from pf_jax.kernels import skinny_matmul
-from pf_jax.kernels.skinny_matmul import MAX_ROWS, TARGET, KernelBuildError, build, matmul_nt
+from pf_jax.kernels.skinny_matmul import (
+    MAX_ROWS,
+    MIN_ROWS_NN,
+    TARGET,
+    TARGET_NN,
+    KernelBuildError,
+    build,
+    matmul_nn,
+    matmul_nt,
+)
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
+from pf_jax.models.kv_cache import KVCache
 
 needs_kernel = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or "avx512f" not in Path("/proc/cpuinfo").read_text(),
     reason="the kernel needs an x86 CPU with AVX-512 (Linux /proc/cpuinfo)")
 
 
-def uses_kernel(fn, *args) -> bool:
-    return TARGET in jax.jit(fn).lower(*args).as_text()
+def uses_kernel(fn, *args, target: str = TARGET) -> bool:
+    return target in jax.jit(fn).lower(*args).as_text()
+
+
+# (M, N, K) for each kernel: every row tile (1-6 rows of x); nt: 1-4 rows of w per tile and a K that is
+# not a multiple of 16 (masked tail); nn: column blocks of 1-4 vectors with a masked last one, K chunks of
+# 64 with a remainder. nn's w is stored [K, N].
+NT_SHAPES = [(1, 4096, 640), (16, 1000, 640), (6, 37, 64), (7, 5, 16), (13, 258, 37), (2, 3, 100),
+             (MAX_ROWS, 515, 96), (3, 2, 1)]
+NN_SHAPES = [(2, 2048, 640), (16, 640, 1024), (6, 64, 37), (7, 70, 130), (13, 5, 16), (3, 129, 200),
+             (MAX_ROWS, 515, 96), (5, 3, 1)]
 
 
 @needs_kernel
-@pytest.mark.parametrize("shape", [(1, 4096, 640), (16, 1000, 640), (6, 37, 64), (7, 5, 16), (13, 258, 37),
-                                   (2, 3, 100), (MAX_ROWS, 515, 96), (3, 2, 1)])
-def test_matmul_nt_matches_a_float64_reference(shape):
-    # every tile shape (rows of x 1-6, rows of w 1-4) and a K that is not a multiple of 16 (masked tail)
+@pytest.mark.parametrize(("kind", "shape"), [("nt", s) for s in NT_SHAPES] + [("nn", s) for s in NN_SHAPES])
+def test_kernels_match_a_float64_reference(kind, shape):
     m, n, k = shape
+    fn, target, w_shape = (matmul_nt, TARGET, (n, k)) if kind == "nt" else (matmul_nn, TARGET_NN, (k, n))
     x = jax.random.normal(jax.random.key(0), (m, k))
-    w = jax.random.normal(jax.random.key(1), (n, k))
-    assert uses_kernel(matmul_nt, x, w)
-    got = np.asarray(jax.jit(matmul_nt)(x, w))
-    want = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    w = jax.random.normal(jax.random.key(1), w_shape)
+    assert uses_kernel(fn, x, w, target=target)
+    got = np.asarray(jax.jit(fn)(x, w))
+    w64 = np.asarray(w, np.float64)
+    want = np.asarray(x, np.float64) @ (w64.T if kind == "nt" else w64)
     assert got.shape == (m, n)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
@@ -47,6 +66,28 @@ def test_matmul_nt_keeps_leading_dims_and_agrees_with_xla():
     want = jnp.einsum("btd,vd->btv", x, w)
     assert got.shape == (4, 1, 300)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_matmul_nn_contracts_several_dims_like_einsum():
+    a = jax.random.normal(jax.random.key(5), (4, 1, 3, 8))  # "bthk,hkd->btd"
+    o = jax.random.normal(jax.random.key(6), (3, 8, 20))
+    f = lambda a, o: matmul_nn(a, o, in_dims=2)
+    assert uses_kernel(f, a, o, target=TARGET_NN)
+    np.testing.assert_allclose(jax.jit(f)(a, o), jnp.einsum("bthk,hkd->btd", a, o), rtol=1e-5, atol=1e-5)
+    h = jax.random.normal(jax.random.key(7), (2, 1, 8))  # "btd,dhk->bthk"
+    q = jax.random.normal(jax.random.key(8), (8, 3, 4))
+    assert jax.jit(matmul_nn)(h, q).shape == (2, 1, 3, 4)
+    np.testing.assert_allclose(jax.jit(matmul_nn)(h, q), jnp.einsum("btd,dhk->bthk", h, q), rtol=1e-5, atol=1e-5)
+
+
+def test_matmul_nn_falls_back_to_einsum_semantics():
+    w = jnp.ones((16, 8))
+    assert MIN_ROWS_NN > 1 and not uses_kernel(matmul_nn, jnp.ones((1, 16)), w, target=TARGET_NN)
+    assert not uses_kernel(matmul_nn, jnp.ones((MAX_ROWS + 1, 16)), w, target=TARGET_NN)
+    bf16 = matmul_nn(jnp.ones((2, 16), jnp.bfloat16), w.astype(jnp.bfloat16))
+    assert bf16.dtype == jnp.bfloat16  # the inputs' dtype, as jnp.einsum
+    np.testing.assert_array_equal(bf16.astype(np.float32), np.full((2, 8), 16.0))
 
 
 def test_matmul_nt_falls_back_to_xla_where_the_kernel_does_not_apply():
@@ -74,6 +115,22 @@ def test_a_compiler_error_is_reported_with_the_compiler_output(tmp_path, monkeyp
     with pytest.raises(KernelBuildError, match=r"bad\.cc"):
         build(bad)
     assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built is cached
+
+
+@needs_kernel
+@pytest.mark.parametrize("architecture", ["gemma3", "qwen2"])
+def test_decoder_decode_step_with_the_kernels_equals_without(architecture):
+    # a decode step of 3 rows through a cache: every projection on the kernel, same hidden states
+    model = Decoder(ModelConfig.tiny(architecture), rngs=nnx.Rngs(0))
+    prompt = jax.random.randint(jax.random.key(9), (3, 5), 0, model.cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(5), (3, 5))
+    _, cache = model(prompt, positions, None, KVCache.init(model.cfg, 3, 8, model.dtype))
+    token, position = prompt[:, -1:], jnp.full((3, 1), 5)
+    step = lambda one_device: model(token, position, None, cache, one_device=one_device)
+    assert uses_kernel(lambda c: model(token, position, None, c, one_device=True)[0], cache, target=TARGET_NN)
+    (h_fast, cache_fast), (h_ref, cache_ref) = step(True), step(False)
+    np.testing.assert_allclose(h_fast, h_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache_fast.k, cache_ref.k, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel

@@ -1,17 +1,19 @@
-"""x . w^T for a handful of rows against a large [N, K] weight: the output head of a decode step.
+"""Matmuls of a handful of rows against large float32 weights: the decode step on CPU.
 
-At a decode step the head multiplies [B, D] hidden states (B = rows being sampled, 1-64) by the [V, D]
-embedding (Gemma 3: 262144 x 640, 671 MB in float32). XLA:CPU's dot (YNNPACK) reads the weight at the
-machine's bandwidth at B = 1 but reaches only ~115 GFLOP/s at B = 16 (47 ms on the 2-core benchmark
-machine, 45% of the step). `skinny_matmul.cc` is an AVX-512 XLA FFI kernel that streams the weight once
-with every row of x in registers, ~38 ms there (see benchmarks/bench_sampler.py for the whole step).
+At a decode step every weight multiplies B rows (B = rows being sampled, 1-64). XLA:CPU's dot (YNNPACK)
+streams a weight at the machine's bandwidth for B = 1 but reaches only 80-125 GFLOP/s at B = 16 on the
+2-core benchmark machine (FMA peak ~220): the output head, [16, 640] x [262144, 640]^T over Gemma 3's
+671 MB embedding, takes 45 ms, the layers' projections ~40 ms, of a ~100 ms step. `skinny_matmul.cc`
+holds two AVX-512 XLA FFI kernels that stream each weight once with the rows' partial sums in registers:
+- matmul_nt: x . w^T for w stored [N, K] (the head: the embedding), 37 ms for that head;
+- matmul_nn: x . w for w stored [K, N] (the projections, [in, out]), 1.4-1.7x XLA's dot at B = 16.
 
-It is compiled on first use with the system C++ compiler against the FFI headers that ship with jaxlib,
-cached under $PF_JAX_CACHE (default ~/.cache/pf_jax)/kernels, and registered for the CPU platform only.
-`matmul_nt` falls back to an XLA einsum (same result up to float32 rounding) when the kernel does not
-apply: not on CPU, not float32, more than MAX_ROWS rows, no AVX-512, no compiler (logged once), or
-PF_JAX_CPU_KERNELS=0. The kernel has no sharding rule, so callers use it only for arrays on one device.
-"""
+They are compiled on first use with the system C++ compiler against the FFI headers that ship with
+jaxlib, cached under $PF_JAX_CACHE (default ~/.cache/pf_jax)/kernels, and registered for the CPU
+platform only. Both fall back to XLA's dot (same result up to float32 rounding) where a kernel does not
+apply: not on CPU, not float32, too few or too many rows, no AVX-512, no compiler (logged once), or
+PF_JAX_CPU_KERNELS=0. The kernels have no sharding rule, so callers use them only for arrays on one
+device (the sampler: RowLayout.one_device)."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ import ctypes
 import functools
 import hashlib
 import logging
+import math
 import os
 import platform
 import shutil
@@ -32,8 +35,10 @@ from jax import Array
 
 log = logging.getLogger(__name__)
 
-TARGET = "pf_skinny_matmul_nt"
+TARGET = "pf_skinny_matmul_nt"  # x [M, K] . w [N, K]^T (the output head, w = the [V, D] embedding)
+TARGET_NN = "pf_skinny_matmul_nn"  # x [M, K] . w [K, N] (the layers' projections, stored [in, out])
 MAX_ROWS = 64  # above this XLA's dot is as fast (the weight is reused enough to be compute bound)
+MIN_ROWS_NN = 2  # one row: XLA's [in, out] dot streams the weight as fast (measured 156-215 us vs 181-188)
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 
 
@@ -82,14 +87,16 @@ def available() -> bool:
     if not lib.pf_skinny_matmul_supported():
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PfSkinnyMatmulNT), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_NN, jax.ffi.pycapsule(lib.PfSkinnyMatmulNN), platform="cpu")
     return True
 
 
-def applies(x: Array, w: Array) -> bool:
-    """Whether matmul_nt(x, w) can take the kernel on CPU (by shapes and dtypes; trace-time static)."""
-    rows = x.size // x.shape[-1] if x.shape[-1] else 0
-    return (x.dtype == jnp.float32 and w.dtype == jnp.float32 and w.ndim == 2 and 0 < rows <= MAX_ROWS
-            and available())
+def applies(x: Array, w: Array, in_dims: int = 1, min_rows: int = 1) -> bool:
+    """Whether x (contracted over its last in_dims dims) and w can take a kernel on CPU (by shapes and
+    dtypes; trace-time static)."""
+    contracted = math.prod(x.shape[x.ndim - in_dims:])
+    rows = x.size // contracted if contracted else 0
+    return x.dtype == jnp.float32 and w.dtype == jnp.float32 and min_rows <= rows <= MAX_ROWS and available()
 
 
 def matmul_nt(x: Array, w: Array) -> Array:
@@ -97,12 +104,33 @@ def matmul_nt(x: Array, w: Array) -> Array:
 
     Single-device arrays only where the kernel may run (it has no sharding rule)."""
     dot = lambda x, w: jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
-    if not applies(x, w):
+    if w.ndim != 2 or not applies(x, w):
         return dot(x, w)
 
     def kernel(x, w):
         flat = x.reshape(-1, x.shape[-1])
         out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((flat.shape[0], w.shape[0]), jnp.float32))(flat, w)
         return out.reshape(*x.shape[:-1], w.shape[0])
+
+    return jax.lax.platform_dependent(x, w, cpu=kernel, default=dot)
+
+
+def matmul_nn(x: Array, w: Array, in_dims: int = 1) -> Array:
+    """x [..., *C] . w [*C, *O] -> [..., *O], contracting the last in_dims dims of x with the first
+    in_dims of w (e.g. "btd,dhk->bthk": in_dims 1; "bthk,hkd->btd": in_dims 2): the kernel on CPU where
+    it applies (float32, MIN_ROWS_NN..MAX_ROWS rows), else XLA's dot in the inputs' dtype (as einsum).
+
+    Single-device arrays only where the kernel may run (it has no sharding rule)."""
+    dot = lambda x, w: jax.lax.dot_general(x, w, ((tuple(range(x.ndim - in_dims, x.ndim)), tuple(range(in_dims))),
+                                                  ((), ())))
+    if not applies(x, w, in_dims, min_rows=MIN_ROWS_NN):
+        return dot(x, w)
+    lead, out_dims = x.shape[: x.ndim - in_dims], w.shape[in_dims:]
+    k, n = math.prod(w.shape[:in_dims]), math.prod(out_dims)
+
+    def kernel(x, w):
+        flat = x.reshape(-1, k)
+        out = jax.ffi.ffi_call(TARGET_NN, jax.ShapeDtypeStruct((flat.shape[0], n), jnp.float32))(flat, w.reshape(k, n))
+        return out.reshape(*lead, *out_dims)
 
     return jax.lax.platform_dependent(x, w, cpu=kernel, default=dot)

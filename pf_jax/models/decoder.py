@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
-from pf_jax.kernels import matmul_nt
+from pf_jax.kernels import matmul_nn, matmul_nt
 from pf_jax.models.config import ModelConfig, rope_inverse_frequencies
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.sharding.mesh import constrain
@@ -157,12 +157,14 @@ class Decoder(nnx.Module):
         return z if cap is None else jnp.tanh(z / cap) * cap
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array | None = None,
-                 cache: KVCache | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, *, one_device: bool = False) -> tuple[Array, KVCache | None]:
         """tokens, positions: int [B, T]; attention_mask: bool [B, T] (False = padding).
 
         Without a cache, token t attends to tokens s <= t that are not padding. With a cache, the T new
         tokens are written at slots [index, index + T) and attend to all valid slots up to their own.
         Sliding layers additionally require position(q) - position(k) < sliding_window.
+        one_device: the arrays are on one device, so the projections may take pf_jax.kernels.matmul_nn
+        (faster on CPU for a few rows: decode steps).
         Returns the final-normed hidden states [B, T, D] and the updated cache (or None).
         """
         cfg = self.cfg
@@ -189,6 +191,9 @@ class Decoder(nnx.Module):
         inv_freq = np.array([rope_inverse_frequencies(cfg, sliding=s) for s in cfg.is_sliding], np.float32)
         windows = np.array([cfg.sliding_window if s else NO_WINDOW for s in cfg.is_sliding], np.int32)
 
+        def dense(spec: str, x: Array, w: Array, in_dims: int = 1) -> Array:
+            return matmul_nn(x, w, in_dims) if one_device else jnp.einsum(spec, x, w)
+
         def block(carry, layer):
             x, k_all, v_all = carry
             p, inv_freq_l, window, layer_index = layer
@@ -196,9 +201,9 @@ class Decoder(nnx.Module):
             norm = lambda y, w: rms_norm(y, w, eps=cfg.rms_norm_eps, offset=cfg.norm_weight_offset)
 
             h = constrain(norm(x, p["attn_norm"]), EMBED_LAYOUT)
-            q = jnp.einsum("btd,dhk->bthk", h, p["q"])
-            k = jnp.einsum("btd,dhk->bthk", h, p["k"])
-            v = jnp.einsum("btd,dhk->bthk", h, p["v"])
+            q = dense("btd,dhk->bthk", h, p["q"])
+            k = dense("btd,dhk->bthk", h, p["k"])
+            v = dense("btd,dhk->bthk", h, p["v"])
             if cfg.attention_bias:
                 q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
             if cfg.qk_norm:
@@ -211,14 +216,14 @@ class Decoder(nnx.Module):
                 v = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
             allowed = causal & (distance < window)
             a = attention(q, k, v, allowed, scale=cfg.attention_scale)
-            a = jnp.einsum("bthk,hkd->btd", a, p["o"])
+            a = dense("bthk,hkd->btd", a, p["o"], in_dims=2)
             x = x + (norm(a, p["post_attn_norm"]) if cfg.sandwich_norm else a)
 
             h = constrain(norm(x, p["mlp_norm"]), EMBED_LAYOUT)
-            gate = jnp.einsum("btd,df->btf", h, p["gate"])
+            gate = dense("btd,df->btf", h, p["gate"])
             gate = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-            hidden = constrain(gate * jnp.einsum("btd,df->btf", h, p["up"]), MLP_LAYOUT)
-            m = jnp.einsum("btf,fd->btd", hidden, p["down"])
+            hidden = constrain(gate * dense("btd,df->btf", h, p["up"]), MLP_LAYOUT)
+            m = dense("btf,fd->btd", hidden, p["down"])
             x = x + (norm(m, p["post_mlp_norm"]) if cfg.sandwich_norm else m)
             return (x, k_all, v_all), None
 

@@ -101,7 +101,8 @@ def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache:
             t = carry["t"]
             previous = jax.lax.dynamic_index_in_dim(carry["tokens"], t - 1, axis=1, keepdims=True)  # [N, 1]
             # A row that has ended keeps decoding its pad token (static shapes); emit masks it out.
-            hidden, cache = model(previous, (prompt_lengths + t - 1)[:, None], None, carry["cache"])
+            hidden, cache = model(previous, (prompt_lengths + t - 1)[:, None], None, carry["cache"],
+                                  one_device=layout is not None and layout.one_device)
             return emit(t, hidden[:, 0], dict(carry, cache=cache))
 
         carry = dict(t=jnp.zeros((), jnp.int32), cache=prompt_cache,

@@ -171,7 +171,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         i = carry["i"]
         previous = jax.lax.dynamic_index_in_dim(carry["tokens"], i - 1, axis=1, keepdims=True)  # [N, 1]
         # A finished row keeps decoding its pad token (static shapes); its outputs are masked in emit.
-        h, cache = model(previous, (prompt_lengths + i - 1)[:, None], None, carry["cache"])
+        h, cache = model(previous, (prompt_lengths + i - 1)[:, None], None, carry["cache"],
+                         one_device=layout.one_device)
         return emit(i, h[:, 0], dict(carry, cache=layout.constrain_cache(cache)))
 
     carry = dict(
