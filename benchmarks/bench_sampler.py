@@ -125,7 +125,7 @@ def main() -> None:
     bandwidth = measure_read_bandwidth()
     read_bw = max(bandwidth.values())
     print("read bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items()), flush=True)
-    # pf_jax.kernels' head matmul (PF_JAX_CPU_KERNELS=0 turns it off, for A/B runs)
+    # pf_jax.kernels' decode matmuls (PF_JAX_CPU_KERNELS=0 turns them off, for A/B runs)
     cpu_kernel = backend == "cpu" and args.dtype == "float32" and skinny_matmul.available()
 
     hf = None
@@ -188,7 +188,7 @@ def main() -> None:
     print(f"\nGemma 3 270M, {args.dtype}, {device_name}, {os.cpu_count()} CPU cores, torch threads "
           f"{args.torch_threads}, "
           f"T=1 full-vocabulary sampling; weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
-          f"{read_bw / 1e9:.1f} GB/s; CPU head kernel {'on' if cpu_kernel else 'off'}; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
+          f"{read_bw / 1e9:.1f} GB/s; pf_jax CPU kernels {'on' if cpu_kernel else 'off'}; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
     print("| batch | new tokens | pf_jax tok/s | transformers tok/s | ratio | roofline tok/s | pf_jax / roofline |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
