@@ -16,7 +16,6 @@
 #include <atomic>
 #include <cstdint>
 #include <memory>
-#include <tuple>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -195,40 +194,39 @@ __attribute__((target("avx512f"), always_inline)) inline void TileNN(const float
       _mm512_mask_storeu_ps(out + i * n_dim + 16 * j, j == TN - 1 ? last : __mmask16(0xFFFF), acc[i][j]);
 }
 
+// TM rows of x (from row m) against the column block of w at c0, over K rows [k0, k1); as TileAt, the
+// first row tile prefetches.
+template <int TM, int TN>
+__attribute__((target("avx512f"), always_inline)) inline void TileNNAt(const float* x, int64_t m, int64_t k_dim,
+                                                                       const float* w, int64_t n_dim, float* out,
+                                                                       int64_t c0, int64_t k0, int64_t k1,
+                                                                       __mmask16 last) {
+  const float* xm = x + m * k_dim;
+  float* om = out + m * n_dim + c0;
+  if (m == 0)
+    TileNN<TM, TN, true>(xm, k_dim, w + c0, n_dim, om, k0, k1, k0 > 0, last);
+  else
+    TileNN<TM, TN, false>(xm, k_dim, w + c0, n_dim, om, k0, k1, k0 > 0, last);
+}
+
+// All rows of x against the column block of TN vectors of w at c0.
 template <int TN>
 __attribute__((target("avx512f"))) void ColumnBlockNN(const float* x, int64_t m_dim, int64_t k_dim,
                                                       const float* w, int64_t n_dim, float* out, int64_t c0,
                                                       __mmask16 last) {
   for (int64_t k0 = 0; k0 < k_dim; k0 += kKChunk) {
     const int64_t k1 = std::min(k_dim, k0 + kKChunk);
-    const bool acc = k0 > 0;
     int64_t m = 0;
-    auto at = [&](int64_t row) { return std::make_tuple(x + row * k_dim, out + row * n_dim + c0); };
-    for (; m + kMaxTileM <= m_dim; m += kMaxTileM) {
-      auto [xm, om] = at(m);
-      if (m == 0)
-        TileNN<kMaxTileM, TN, true>(xm, k_dim, w + c0, n_dim, om, k0, k1, acc, last);
-      else
-        TileNN<kMaxTileM, TN, false>(xm, k_dim, w + c0, n_dim, om, k0, k1, acc, last);
-    }
-    auto [xm, om] = at(m);
-    const bool first = m == 0;
-#define PF_TAIL(TM)                                                                    \
-  case TM:                                                                             \
-    if (first)                                                                         \
-      TileNN<TM, TN, true>(xm, k_dim, w + c0, n_dim, om, k0, k1, acc, last);           \
-    else                                                                               \
-      TileNN<TM, TN, false>(xm, k_dim, w + c0, n_dim, om, k0, k1, acc, last);          \
-    break;
+    for (; m + kMaxTileM <= m_dim; m += kMaxTileM)
+      TileNNAt<kMaxTileM, TN>(x, m, k_dim, w, n_dim, out, c0, k0, k1, last);
     switch (m_dim - m) {
-      PF_TAIL(5)
-      PF_TAIL(4)
-      PF_TAIL(3)
-      PF_TAIL(2)
-      PF_TAIL(1)
+      case 5: TileNNAt<5, TN>(x, m, k_dim, w, n_dim, out, c0, k0, k1, last); break;
+      case 4: TileNNAt<4, TN>(x, m, k_dim, w, n_dim, out, c0, k0, k1, last); break;
+      case 3: TileNNAt<3, TN>(x, m, k_dim, w, n_dim, out, c0, k0, k1, last); break;
+      case 2: TileNNAt<2, TN>(x, m, k_dim, w, n_dim, out, c0, k0, k1, last); break;
+      case 1: TileNNAt<1, TN>(x, m, k_dim, w, n_dim, out, c0, k0, k1, last); break;
       default: break;
     }
-#undef PF_TAIL
   }
 }
 
@@ -271,21 +269,19 @@ ffi::Error SkinnyMatmulNN(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   return ffi::Error::Success();
 }
 
+// Both kernels: (XLA's intra-op pool, x, w) -> out, all float32.
+auto MatmulBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PfSkinnyMatmulNT, SkinnyMatmulNT,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PfSkinnyMatmulNN, SkinnyMatmulNN,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfSkinnyMatmulNT, SkinnyMatmulNT, MatmulBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfSkinnyMatmulNN, SkinnyMatmulNN, MatmulBinding());
 
 // 1 if this CPU can run the kernel (checked before the target is registered).
 extern "C" int pf_skinny_matmul_supported() { return __builtin_cpu_supports("avx512f") ? 1 : 0; }

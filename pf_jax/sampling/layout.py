@@ -57,7 +57,7 @@ class RowLayout:
                 mesh_shape = dict(sharding.mesh.shape)
                 axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh_shape.get(a, 1) > 1)
                 return cls(sharding.mesh, axes) if axes else cls()
-        return cls(one_device=all(len(getattr(leaf, "sharding", None).device_set) == 1 for leaf in leaves
+        return cls(one_device=all(len(leaf.sharding.device_set) == 1 for leaf in leaves
                                   if hasattr(leaf, "sharding")))
 
     @property
