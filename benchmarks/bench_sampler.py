@@ -127,6 +127,7 @@ def main() -> None:
     print("read bandwidth GB/s: " + ", ".join(f"{k} {v / 1e9:.1f}" for k, v in bandwidth.items()), flush=True)
     # pf_jax.kernels' decode matmuls (PF_JAX_CPU_KERNELS=0 turns them off, for A/B runs)
     cpu_kernel = backend == "cpu" and args.dtype == "float32" and skinny_matmul.available()
+    amx = cpu_kernel and skinny_matmul.amx_available()
 
     hf = None
     if not args.skip_transformers:
@@ -188,7 +189,7 @@ def main() -> None:
     print(f"\nGemma 3 270M, {args.dtype}, {device_name}, {os.cpu_count()} CPU cores, torch threads "
           f"{args.torch_threads}, "
           f"T=1 full-vocabulary sampling; weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
-          f"{read_bw / 1e9:.1f} GB/s; pf_jax CPU kernels {'on' if cpu_kernel else 'off'}; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
+          f"{read_bw / 1e9:.1f} GB/s; pf_jax CPU kernels {'on' if cpu_kernel else 'off'}{' (head on AMX for 12-32 rows)' if amx else ''}; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
     print("| batch | new tokens | pf_jax tok/s | transformers tok/s | ratio | roofline tok/s | pf_jax / roofline |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
@@ -199,7 +200,7 @@ def main() -> None:
               f"{theirs_txt} | {ratio_txt} | {r['roofline_tok_s']:.1f} | {r['ours_roofline_fraction']:.2f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": device_name, "dtype": args.dtype, "bandwidth_bytes_s": bandwidth,
-                                         "weight_bytes": weight_bytes, "cpu_kernel": cpu_kernel, "rows": rows}, indent=2))
+                                         "weight_bytes": weight_bytes, "cpu_kernel": cpu_kernel, "amx": amx, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

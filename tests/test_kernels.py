@@ -12,11 +12,15 @@ from flax import nnx
 
 from pf_jax.kernels import skinny_matmul
 from pf_jax.kernels.skinny_matmul import (
+    AMX_MAX_ROWS,
+    AMX_MIN_ROWS,
     MAX_ROWS,
     MIN_ROWS_NN,
     TARGET,
     TARGET_NN,
     KernelBuildError,
+    amx_available,
+    amx_calls,
     build,
     matmul_nn,
     matmul_nt,
@@ -56,6 +60,47 @@ def test_kernels_match_a_float64_reference(kind, shape):
     want = np.asarray(x, np.float64) @ (w64.T if kind == "nt" else w64)
     assert got.shape == (m, n)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
+
+
+# (M, N, K) for the head's AMX path: 1-2 blocks of 16 rows of x, full and partial; partial blocks of 16 rows
+# of w (N % 16); K chunks of 32 with a masked remainder (K % 32, K < 16, K < 32).
+AMX_SHAPES = [(AMX_MIN_ROWS, 1000, 640), (16, 4096, 640), (17, 37, 96), (31, 515, 100), (AMX_MAX_ROWS, 16, 37),
+              (20, 50, 13), (16, 129, 1), (32, 300, 64)]
+
+
+@pytest.mark.skipif(not amx_available(), reason="the CPU or the OS offers no AMX tiles")
+@pytest.mark.parametrize("shape", AMX_SHAPES)
+def test_head_amx_path_is_as_exact_as_float32(shape):
+    # the three-piece bf16 split must leave the error of a float32 dot: compared with float64, the FMA path
+    # and XLA's dot, on values over six decades (the pieces' exponents differ from their value's)
+    m, n, k = shape
+    scale = lambda key, s: jnp.exp(jax.random.uniform(key, s, minval=-7.0, maxval=7.0))
+    x = jax.random.normal(jax.random.key(0), (m, k)) * scale(jax.random.key(2), (m, k))
+    w = jax.random.normal(jax.random.key(1), (n, k)) * scale(jax.random.key(3), (n, k))
+    before = amx_calls()
+    got = np.asarray(jax.jit(matmul_nt)(x, w))
+    assert amx_calls() == before + 1
+    fma = np.asarray(jax.jit(lambda x, w: matmul_nt(x, w, amx=False))(x, w))
+    assert amx_calls() == before + 1
+    xla = np.asarray(jax.jit(lambda x, w: x @ w.T)(x, w))
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    want, magnitude = x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
+    error = lambda out: np.abs(out - want) / magnitude  # relative to the sum of |terms|
+    assert error(got).max() < 2.0 ** -24 * 4 * np.sqrt(k)  # float32 rounding, a typical sum's growth
+    # on average no worse than the dots that the rest of pf_jax runs (XLA's: the training forward)
+    assert error(got).mean() <= 1.5 * max(error(fma).mean(), error(xla).mean()) + 2.0 ** -26
+
+
+@pytest.mark.skipif(not amx_available(), reason="the CPU or the OS offers no AMX tiles")
+def test_head_amx_path_only_for_its_row_counts():
+    w = jax.random.normal(jax.random.key(1), (40, 64))
+    before = amx_calls()
+    jax.jit(matmul_nt)(jnp.ones((AMX_MIN_ROWS - 1, 64)), w).block_until_ready()
+    assert amx_calls() == before
+    jax.jit(matmul_nt)(jnp.ones((AMX_MAX_ROWS + 1, 64)), w).block_until_ready()
+    assert amx_calls() == before
+    jax.jit(matmul_nt)(jnp.ones((AMX_MIN_ROWS, 64)), w).block_until_ready()
+    assert amx_calls() == before + 1
 
 
 @needs_kernel
@@ -140,3 +185,15 @@ def test_decoder_logits_take_the_kernel_only_on_one_device():
     assert uses_kernel(lambda h: model.logits(h, one_device=True), hidden)
     assert not uses_kernel(model.logits, hidden)
     np.testing.assert_allclose(model.logits(hidden, one_device=True), model.logits(hidden), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not amx_available(), reason="the CPU or the OS offers no AMX tiles")
+def test_decoder_log_probs_on_the_amx_head_equal_xla():
+    # 16 rows (a batch-16 decode step) take the head's AMX path; the log-probs the sampler returns from it
+    # must equal those of XLA's head (the training forward's)
+    model = Decoder(ModelConfig.tiny("gemma3"), rngs=nnx.Rngs(0))
+    hidden = jax.random.normal(jax.random.key(4), (16, 1, model.cfg.hidden_size))
+    before = amx_calls()
+    fast = jax.nn.log_softmax(jax.jit(lambda h: model.logits(h, one_device=True))(hidden))
+    assert amx_calls() == before + 1
+    np.testing.assert_allclose(fast, jax.nn.log_softmax(model.logits(hidden)), rtol=1e-6, atol=1e-5)

@@ -5,14 +5,18 @@ streams a weight at the machine's bandwidth for B = 1 but reaches only 80-125 GF
 2-core benchmark machine (FMA peak ~220): the output head, [16, 640] x [262144, 640]^T over Gemma 3's
 671 MB embedding, takes 45 ms, the layers' projections ~40 ms, of a ~100 ms step. `skinny_matmul.cc`
 holds two AVX-512 XLA FFI kernels that stream each weight once with the rows' partial sums in registers:
-- matmul_nt: x . w^T for w stored [N, K] (the head: the embedding), 37 ms for that head;
-- matmul_nn: x . w for w stored [K, N] (the projections, [in, out]), 1.4-1.7x XLA's dot at B = 16.
+- matmul_nt: x . w^T for w stored [N, K] (the head: the embedding), 37 ms for that head; for 12-32 rows,
+  on CPUs with AMX (Sapphire Rapids and later), on bf16 tiles with the float32 operands split exactly into
+  three bf16 pieces each (eight of the nine piece products: float32's error), 1.2-1.4x the FMA path;
+- matmul_nn: x . w for w stored [K, N] (the projections, [in, out]), 1.4-1.7x XLA's dot at B = 16 (the
+  same AMX scheme over 16-column blocks was measured 0.8-0.9x of it, and is not used).
 
 They are compiled on first use with the system C++ compiler against the FFI headers that ship with
 jaxlib, cached under $PF_JAX_CACHE (default ~/.cache/pf_jax)/kernels, and registered for the CPU
 platform only. Both fall back to XLA's dot (same result up to float32 rounding) where a kernel does not
 apply: not on CPU, not float32, too few or too many rows, no AVX-512, no compiler (logged once), or
-PF_JAX_CPU_KERNELS=0. The kernels have no sharding rule, so callers use them only for arrays on one
+PF_JAX_CPU_KERNELS=0; the AMX path is skipped where the CPU or the OS does not offer it, or with
+PF_JAX_AMX=0. The kernels have no sharding rule, so callers use them only for arrays on one
 device (the sampler: RowLayout.one_device)."""
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import Array
 
 log = logging.getLogger(__name__)
@@ -38,6 +43,7 @@ log = logging.getLogger(__name__)
 TARGET = "pf_skinny_matmul_nt"  # x [M, K] . w [N, K]^T (the output head, w = the [V, D] embedding)
 TARGET_NN = "pf_skinny_matmul_nn"  # x [M, K] . w [K, N] (the layers' projections, stored [in, out])
 MAX_ROWS = 64  # above this XLA's dot is as fast (the weight is reused enough to be compute bound)
+AMX_MIN_ROWS, AMX_MAX_ROWS = 12, 32  # the head's AMX path (kAmxMinRows/MaxRows in the .cc); 8 rows: even
 MIN_ROWS_NN = 2  # one row: XLA's [in, out] dot streams the weight as fast (measured 156-215 us vs 181-188)
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 
@@ -73,18 +79,37 @@ def build(source: Path = SOURCE) -> Path:
 
 
 @functools.cache
-def available() -> bool:
-    """Whether the kernel is registered for the CPU platform (building it on the first call)."""
-    if os.environ.get("PF_JAX_CPU_KERNELS", "1") == "0":
-        return False
+def _library() -> ctypes.CDLL | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
+        return None
     try:
         lib = ctypes.CDLL(str(build()))
     except (KernelBuildError, OSError) as e:
         log.warning("CPU skinny-matmul kernel unavailable, using XLA's dot: %s", e)
+        return None
+    lib.pf_skinny_matmul_amx_calls.restype = ctypes.c_int64
+    return lib if lib.pf_skinny_matmul_supported() else None
+
+
+@functools.cache
+def amx_available() -> bool:
+    """Whether the head kernel may use AMX tiles (the CPU has them, Linux granted them; not PF_JAX_AMX=0)."""
+    if not available() or os.environ.get("PF_JAX_AMX", "1") == "0":
         return False
-    if not lib.pf_skinny_matmul_supported():
+    return bool(_library().pf_skinny_matmul_enable_amx())
+
+
+def amx_calls() -> int:
+    """How many head-kernel calls have taken the AMX path in this process."""
+    lib = _library()
+    return int(lib.pf_skinny_matmul_amx_calls()) if lib is not None else 0
+
+
+@functools.cache
+def available() -> bool:
+    """Whether the kernel is registered for the CPU platform (building it on the first call)."""
+    lib = None if os.environ.get("PF_JAX_CPU_KERNELS", "1") == "0" else _library()
+    if lib is None:
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PfSkinnyMatmulNT), platform="cpu")
     jax.ffi.register_ffi_target(TARGET_NN, jax.ffi.pycapsule(lib.PfSkinnyMatmulNN), platform="cpu")
@@ -99,8 +124,9 @@ def applies(x: Array, w: Array, in_dims: int = 1, min_rows: int = 1) -> bool:
     return x.dtype == jnp.float32 and w.dtype == jnp.float32 and min_rows <= rows <= MAX_ROWS and available()
 
 
-def matmul_nt(x: Array, w: Array) -> Array:
+def matmul_nt(x: Array, w: Array, amx: bool = True) -> Array:
     """float32 x [..., K] . w [N, K]^T -> [..., N]: the kernel on CPU where it applies, else XLA's dot.
+    amx=False keeps the kernel off its AMX path (for comparisons).
 
     Single-device arrays only where the kernel may run (it has no sharding rule)."""
     dot = lambda x, w: jnp.einsum("...d,vd->...v", x, w, preferred_element_type=jnp.float32)
@@ -109,7 +135,9 @@ def matmul_nt(x: Array, w: Array) -> Array:
 
     def kernel(x, w):
         flat = x.reshape(-1, x.shape[-1])
-        out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((flat.shape[0], w.shape[0]), jnp.float32))(flat, w)
+        use_amx = amx and AMX_MIN_ROWS <= flat.shape[0] <= AMX_MAX_ROWS and amx_available()
+        out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((flat.shape[0], w.shape[0]), jnp.float32))(
+            flat, w, amx=np.bool_(use_amx))
         return out.reshape(*x.shape[:-1], w.shape[0])
 
     return jax.lax.platform_dependent(x, w, cpu=kernel, default=dot)
