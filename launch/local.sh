@@ -35,9 +35,9 @@ fi
 
 pids=()
 # shellcheck disable=SC2317  # invoked by the traps below
-stop_all() {
+stop_all() {  # each process leads its own process group (setsid below): stop the group, its children too
   for pid in "${pids[@]}"; do
-    kill "$pid" 2>/dev/null || true
+    kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
   done
 }
 trap stop_all EXIT
@@ -52,7 +52,7 @@ for ((i = 0; i < num_processes; i++)); do
       export PF_LOCAL_DEVICE_COUNT="$devices"
       export JAX_PLATFORMS=cpu
     fi
-    exec "$@"
+    exec setsid "$@"  # not a group leader here, so setsid does not fork: $! is the group's id
   ) &
   pids+=("$!")
 done

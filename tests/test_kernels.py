@@ -12,7 +12,6 @@ from flax import nnx
 
 from pf_jax.kernels import skinny_matmul
 from pf_jax.kernels.skinny_matmul import (
-    AMX_MAX_ROWS,
     AMX_MIN_ROWS,
     MAX_ROWS,
     MIN_ROWS_NN,
@@ -62,10 +61,10 @@ def test_kernels_match_a_float64_reference(kind, shape):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
-# (M, N, K) for the head's AMX path: 1-2 blocks of 16 rows of x, full and partial; partial blocks of 16 rows
+# (M, N, K) for the head's AMX path: 1-4 blocks of 16 rows of x, full and partial, in one or two passes; partial blocks of 16 rows
 # of w (N % 16); K chunks of 32 with a masked remainder (K % 32, K < 16, K < 32).
-AMX_SHAPES = [(AMX_MIN_ROWS, 1000, 640), (16, 4096, 640), (17, 37, 96), (31, 515, 100), (AMX_MAX_ROWS, 16, 37),
-              (20, 50, 13), (16, 129, 1), (32, 300, 64)]
+AMX_SHAPES = [(AMX_MIN_ROWS, 1000, 640), (16, 4096, 640), (17, 37, 96), (31, 515, 100), (32, 16, 37),
+              (20, 50, 13), (16, 129, 1), (48, 300, 64), (MAX_ROWS, 77, 640), (49, 20, 5)]
 
 
 @pytest.mark.skipif(not amx_available(), reason="the CPU or the OS offers no AMX tiles")
@@ -97,10 +96,12 @@ def test_head_amx_path_only_for_its_row_counts():
     before = amx_calls()
     jax.jit(matmul_nt)(jnp.ones((AMX_MIN_ROWS - 1, 64)), w).block_until_ready()
     assert amx_calls() == before
-    jax.jit(matmul_nt)(jnp.ones((AMX_MAX_ROWS + 1, 64)), w).block_until_ready()
+    jax.jit(matmul_nt)(jnp.ones((MAX_ROWS + 1, 64)), w).block_until_ready()  # XLA's dot
+    jax.jit(matmul_nt)(jnp.ones((40, 64)), w).block_until_ready()  # two passes over w would not pay
     assert amx_calls() == before
     jax.jit(matmul_nt)(jnp.ones((AMX_MIN_ROWS, 64)), w).block_until_ready()
-    assert amx_calls() == before + 1
+    jax.jit(matmul_nt)(jnp.ones((MAX_ROWS, 64)), w).block_until_ready()
+    assert amx_calls() == before + 2
 
 
 @needs_kernel

@@ -74,7 +74,9 @@ def test_incomplete_explicit_environment_is_named():
 
 def test_local_launcher_stops_the_others_when_one_process_fails():
     start = time.monotonic()
-    script = 'if [ "$PF_PROCESS_ID" = 1 ]; then exit 3; fi; sleep 120'
+    # the others' `sleep` runs as a child of their shell (the command after it keeps bash from exec'ing it):
+    # stopping a process must stop its children too, or they outlive the launcher holding its pipes
+    script = 'if [ "$PF_PROCESS_ID" = 1 ]; then exit 3; fi; sleep 120; echo unreachable'
     done = launch(3, None, "bash", "-c", script, timeout=60)
     assert done.returncode == 3
     assert "stopping the others" in done.stderr

@@ -33,8 +33,7 @@ namespace {
 constexpr int kRows = 4;               // rows of w per register tile
 constexpr int kMaxTileM = 6;           // rows of x per register tile
 constexpr int64_t kPrefetchRows = 16;  // how far ahead of the first tile w is prefetched (rows)
-constexpr int64_t kAmxMinRows = 12;    // AMX for kAmxMinRows..kAmxMaxRows rows of x (12: 1.2x the FMA tiles,
-constexpr int64_t kAmxMaxRows = 32;    // 16: 1.3x; above 32 the 8 tiles no longer hold two accumulators per 16 rows)
+constexpr int64_t kAmxPassRows = 32;   // rows of x per AMX pass over w (the 8 tiles hold two 16-row blocks)
 std::atomic<bool> g_amx{false};        // AMX usable (pf_skinny_matmul_enable_amx succeeded)
 std::atomic<int64_t> g_amx_calls{0};   // calls that took the AMX path (for tests)
 
@@ -138,7 +137,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Fn fn) {
   while (state->finished.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
-// ---- The same product on AMX tiles (Sapphire Rapids and later), float32-exact: for M >= kAmxMinRows ----
+// ---- The same product on AMX tiles (Sapphire Rapids and later), float32-exact ----
 //
 // AMX multiplies bf16 tiles into float32 ones, 16x faster per core than AVX-512 FMAs. Every float32 v is
 // split exactly into three bf16 pieces by truncation: hi = v's top 16 bits, mid = the top 16 bits of
@@ -152,8 +151,10 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Fn fn) {
 // Layout: C^T = w . x^T, so that w is the A operand in its own row order: for each block of 16 rows of w
 // and each chunk of 32 along K, the 16 x 32 block is split into three A tiles (a staging buffer in L1,
 // double-buffered); x^T was split and laid out as B tiles once per call (FormatXNT). Each 16-row block of
-// x (MB = 1 or 2 of them, M <= 32) has 4 / MB accumulator tiles: one for the hi.hi products, the others
-// for the corrections, so that successive products into one tile do not wait on each other either. A finished [16 w rows, 16 x rows] tile is written to out transposed, by gathers.
+// x (MB = 1 or 2 of them: 32 rows) has 4 / MB accumulator tiles: one for the hi.hi products, the others
+// for the corrections, so that successive products into one tile do not wait on each other either. More
+// rows than 32 take several passes over w, each streaming it again: 1.1-1.2x the FMA tiles at 48-64 rows,
+// none at 33-40. A finished [16 w rows, 16 x rows] tile is written to out transposed, by gathers.
 
 #define PF_AMX __attribute__((target("avx512f,avx512bw,avx512dq,amx-tile,amx-bf16")))
 
@@ -296,8 +297,8 @@ PF_AMX void AmxRowsNT(const uint16_t* xt, int64_t m_dim, const float* w, int64_t
 }
 
 
-// use_amx: take the AMX path where it applies (M >= kAmxMinRows and AMX enabled); the caller's switch, so
-// that both paths can be run and compared in one process.
+// use_amx: take the AMX path if AMX is enabled. For which row counts it pays is the caller's choice
+// (skinny_matmul.py: amx_pays), so that both paths can be run and compared in one process.
 ffi::Error SkinnyMatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
                           ffi::ResultBuffer<ffi::F32> out, bool use_amx) {
   const auto xd = x.dimensions(), wd = w.dimensions(), od = out->dimensions();
@@ -316,21 +317,27 @@ ffi::Error SkinnyMatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t min_rows = std::max<int64_t>(kRows, (int64_t{64} << 10) / row_bytes / kRows * kRows);
   int64_t rows = (n_dim + 16 * threads - 1) / (16 * threads);
   rows = std::clamp((rows + kRows - 1) / kRows * kRows, min_rows, max_rows);
-  if (use_amx && g_amx.load(std::memory_order_relaxed) && m_dim >= kAmxMinRows && m_dim <= kAmxMaxRows) {
+  if (use_amx && g_amx.load(std::memory_order_relaxed)) {
     g_amx_calls.fetch_add(1, std::memory_order_relaxed);
-    const int64_t kc_n = (k_dim + 31) / 32, mb = (m_dim + 15) / 16;
-    std::vector<uint16_t> xt_storage(3 * kc_n * mb * 512 + 32);
+    const int64_t kc_n = (k_dim + 31) / 32;
+    std::vector<uint16_t> xt_storage(3 * kc_n * (kAmxPassRows / 16) * 512 + 32);
     uint16_t* xt =
         reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(xt_storage.data()) + 63) & ~uintptr_t{63});
-    FormatXNT(xp, m_dim, k_dim, xt);
     rows = (rows + 15) / 16 * 16;  // whole 16-row blocks per chunk
-    ParallelFor(pool, (n_dim + rows - 1) / rows, [=](int64_t c) {
-      const int64_t b = c * rows, e = std::min(n_dim, (c + 1) * rows);
-      if (mb == 1)
-        AmxRowsNT<1>(xt, m_dim, wp, k_dim, op, n_dim, b, e);
-      else
-        AmxRowsNT<2>(xt, m_dim, wp, k_dim, op, n_dim, b, e);
-    });
+    // one pass over w per up to kAmxPassRows rows of x, the rows shared evenly (33 rows: 17 + 16, not 32 + 1)
+    const int64_t passes = (m_dim + kAmxPassRows - 1) / kAmxPassRows, pass_rows = (m_dim + passes - 1) / passes;
+    for (int64_t g0 = 0; g0 < m_dim; g0 += pass_rows) {
+      const int64_t mg = std::min(pass_rows, m_dim - g0);
+      FormatXNT(xp + g0 * k_dim, mg, k_dim, xt);
+      float* og = op + g0 * n_dim;
+      ParallelFor(pool, (n_dim + rows - 1) / rows, [=](int64_t c) {
+        const int64_t b = c * rows, e = std::min(n_dim, (c + 1) * rows);
+        if (mg <= 16)
+          AmxRowsNT<1>(xt, mg, wp, k_dim, og, n_dim, b, e);
+        else
+          AmxRowsNT<2>(xt, mg, wp, k_dim, og, n_dim, b, e);
+      });
+    }
     return ffi::Error::Success();
   }
   ParallelFor(pool, (n_dim + rows - 1) / rows, [=](int64_t c) {

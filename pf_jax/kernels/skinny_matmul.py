@@ -5,8 +5,8 @@ streams a weight at the machine's bandwidth for B = 1 but reaches only 80-125 GF
 2-core benchmark machine (FMA peak ~220): the output head, [16, 640] x [262144, 640]^T over Gemma 3's
 671 MB embedding, takes 45 ms, the layers' projections ~40 ms, of a ~100 ms step. `skinny_matmul.cc`
 holds two AVX-512 XLA FFI kernels that stream each weight once with the rows' partial sums in registers:
-- matmul_nt: x . w^T for w stored [N, K] (the head: the embedding), 37 ms for that head; for 12-32 rows,
-  on CPUs with AMX (Sapphire Rapids and later), on bf16 tiles with the float32 operands split exactly into
+- matmul_nt: x . w^T for w stored [N, K] (the head: the embedding), 37 ms for that head; for 12-32 and
+  48-64 rows, on CPUs with AMX (Sapphire Rapids and later), on bf16 tiles with the float32 operands split exactly into
   three bf16 pieces each (eight of the nine piece products: float32's error), 1.2-1.4x the FMA path;
 - matmul_nn: x . w for w stored [K, N] (the projections, [in, out]), 1.4-1.7x XLA's dot at B = 16 (the
   same AMX scheme over 16-column blocks was measured 0.8-0.9x of it, and is not used).
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 TARGET = "pf_skinny_matmul_nt"  # x [M, K] . w [N, K]^T (the output head, w = the [V, D] embedding)
 TARGET_NN = "pf_skinny_matmul_nn"  # x [M, K] . w [K, N] (the layers' projections, stored [in, out])
 MAX_ROWS = 64  # above this XLA's dot is as fast (the weight is reused enough to be compute bound)
-AMX_MIN_ROWS, AMX_MAX_ROWS = 12, 32  # the head's AMX path (kAmxMinRows/MaxRows in the .cc); 8 rows: even
+AMX_MIN_ROWS = 12  # the head's AMX path: 12-32 rows (one pass over w) and 48-64 (two); see amx_pays
 MIN_ROWS_NN = 2  # one row: XLA's [in, out] dot streams the weight as fast (measured 156-215 us vs 181-188)
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 
@@ -99,6 +99,13 @@ def amx_available() -> bool:
     return bool(_library().pf_skinny_matmul_enable_amx())
 
 
+def amx_pays(rows: int) -> bool:
+    """Whether the head's AMX path beats its FMA tiles for this many rows of x (head alone, interleaved, at
+    [262144, 640]): 8 rows even, 12 1.1x, 16 1.3x, 24-32 1.4x; above 32 it streams w once per 32 rows:
+    33-40 rows even or worse, 48 1.1x, 64 1.2x."""
+    return AMX_MIN_ROWS <= rows <= 32 or 48 <= rows <= MAX_ROWS
+
+
 def amx_calls() -> int:
     """How many head-kernel calls have taken the AMX path in this process."""
     lib = _library()
@@ -135,7 +142,7 @@ def matmul_nt(x: Array, w: Array, amx: bool = True) -> Array:
 
     def kernel(x, w):
         flat = x.reshape(-1, x.shape[-1])
-        use_amx = amx and AMX_MIN_ROWS <= flat.shape[0] <= AMX_MAX_ROWS and amx_available()
+        use_amx = amx and amx_pays(flat.shape[0]) and amx_available()
         out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((flat.shape[0], w.shape[0]), jnp.float32))(
             flat, w, amx=np.bool_(use_amx))
         return out.reshape(*x.shape[:-1], w.shape[0])
