@@ -21,8 +21,16 @@
 #include <thread>
 #include <vector>
 
+// The AMX path needs the AMX intrinsics (GCC >= 11, clang >= 12) and Linux, which grants the tile state to
+// a process that asks; elsewhere it is compiled out and the head keeps its FMA tiles (-DPF_NO_AMX: too).
+#if defined(__linux__) && !defined(PF_NO_AMX) && \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define PF_HAVE_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
+#else
+#define PF_HAVE_AMX 0
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -137,6 +145,7 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t chunks, Fn fn) {
   while (state->finished.load(std::memory_order_acquire) < chunks) std::this_thread::yield();
 }
 
+#if PF_HAVE_AMX
 // ---- The same product on AMX tiles (Sapphire Rapids and later), float32-exact ----
 //
 // AMX multiplies bf16 tiles into float32 ones, 16x faster per core than AVX-512 FMAs. Every float32 v is
@@ -295,7 +304,7 @@ PF_AMX void AmxRowsNT(const uint16_t* xt, int64_t m_dim, const float* w, int64_t
   }
   _tile_release();
 }
-
+#endif  // PF_HAVE_AMX
 
 // use_amx: take the AMX path if AMX is enabled. For which row counts it pays is the caller's choice
 // (skinny_matmul.py: amx_pays), so that both paths can be run and compared in one process.
@@ -317,6 +326,7 @@ ffi::Error SkinnyMatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const int64_t min_rows = std::max<int64_t>(kRows, (int64_t{64} << 10) / row_bytes / kRows * kRows);
   int64_t rows = (n_dim + 16 * threads - 1) / (16 * threads);
   rows = std::clamp((rows + kRows - 1) / kRows * kRows, min_rows, max_rows);
+#if PF_HAVE_AMX
   if (use_amx && g_amx.load(std::memory_order_relaxed)) {
     g_amx_calls.fetch_add(1, std::memory_order_relaxed);
     const int64_t kc_n = (k_dim + 31) / 32;
@@ -340,6 +350,9 @@ ffi::Error SkinnyMatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
     }
     return ffi::Error::Success();
   }
+#else
+  (void)use_amx;
+#endif
   ParallelFor(pool, (n_dim + rows - 1) / rows, [=](int64_t c) {
     Rows(xp, m_dim, wp, k_dim, op, n_dim, c * rows, std::min(n_dim, (c + 1) * rows));
   });
@@ -483,13 +496,18 @@ extern "C" int pf_skinny_matmul_supported() { return __builtin_cpu_supports("avx
 // 1 if this CPU has AMX tiles with bf16 and the kernel grants this process their use (Linux asks each
 // process to request the 8 KiB tile state, ARCH_REQ_XCOMP_PERM); from then on the head may take AMX.
 extern "C" int pf_skinny_matmul_enable_amx() {
+#if !PF_HAVE_AMX
+  return 0;
+#else
   if (!__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512dq")) return 0;
   unsigned a, b, c, d;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return 0;  // CPUID.(7,0):EDX bits AMX-BF16, AMX-TILE
+  // CPUID.(7,0):EDX bits 22 and 24: AMX-BF16, AMX-TILE
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1) || !((d >> 24) & 1)) return 0;
   constexpr long kArchReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
   if (syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) != 0) return 0;
   g_amx.store(true);
   return 1;
+#endif
 }
 
 // How many head calls took the AMX path so far.
