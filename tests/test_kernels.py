@@ -61,8 +61,8 @@ def test_kernels_match_a_float64_reference(kind, shape):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.sqrt(k))
 
 
-# (M, N, K) for the head's AMX path: 1-4 blocks of 16 rows of x, full and partial, in one or two passes; partial blocks of 16 rows
-# of w (N % 16); K chunks of 32 with a masked remainder (K % 32, K < 16, K < 32).
+# (M, N, K) for the head's AMX path: 1-4 blocks of 16 rows of x, full and partial, in one or two passes;
+# partial blocks of 16 rows of w (N % 16); K chunks of 32 with a masked remainder (K % 32, K < 16, K < 32).
 AMX_SHAPES = [(AMX_MIN_ROWS, 1000, 640), (16, 4096, 640), (17, 37, 96), (31, 515, 100), (32, 16, 37),
               (20, 50, 13), (16, 129, 1), (48, 300, 64), (MAX_ROWS, 77, 640), (49, 20, 5)]
 

@@ -16,8 +16,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <memory>
 #include <cstring>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -235,6 +235,7 @@ PF_AMX void AmxRowsNT(const uint16_t* xt, int64_t m_dim, const float* w, int64_t
   alignas(64) uint16_t ix[32];
   for (int i = 0; i < 16; ++i) ix[i] = 2 * i + 1, ix[16 + i] = 32 + 2 * i + 1;
   const __m512i idx = _mm512_load_si512(ix);
+  const __m512i column = _mm512_set_epi32(240, 224, 208, 192, 176, 160, 144, 128, 112, 96, 80, 64, 48, 32, 16, 0);
   for (int64_t n0 = begin; n0 < end; n0 += 16) {
     const int rows = static_cast<int>(std::min<int64_t>(16, end - n0));
     _tile_zero(0);
@@ -296,10 +297,8 @@ PF_AMX void AmxRowsNT(const uint16_t* xt, int64_t m_dim, const float* w, int64_t
       }
       const int ms = static_cast<int>(std::min<int64_t>(16, m_dim - c * 16));
       const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
-      const __m512i stride = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                                _mm512_set1_epi32(16));
       for (int m = 0; m < ms; ++m)  // column m of the [n, m] tile is row c * 16 + m of out
-        _mm512_mask_storeu_ps(out + (c * 16 + m) * n_dim + n0, row_mask, _mm512_i32gather_ps(stride, &cbuf[0][m], 4));
+        _mm512_mask_storeu_ps(out + (c * 16 + m) * n_dim + n0, row_mask, _mm512_i32gather_ps(column, &cbuf[0][m], 4));
     }
   }
   _tile_release();

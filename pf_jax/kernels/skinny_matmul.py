@@ -6,8 +6,9 @@ streams a weight at the machine's bandwidth for B = 1 but reaches only 80-125 GF
 671 MB embedding, takes 45 ms, the layers' projections ~40 ms, of a ~100 ms step. `skinny_matmul.cc`
 holds two AVX-512 XLA FFI kernels that stream each weight once with the rows' partial sums in registers:
 - matmul_nt: x . w^T for w stored [N, K] (the head: the embedding), 37 ms for that head; for 12-32 and
-  48-64 rows, on CPUs with AMX (Sapphire Rapids and later), on bf16 tiles with the float32 operands split exactly into
-  three bf16 pieces each (eight of the nine piece products: float32's error), 1.2-1.4x the FMA path;
+  48-64 rows, on CPUs with AMX (Sapphire Rapids and later), on bf16 tiles with the float32 operands split
+  exactly into three bf16 pieces each (eight of the nine piece products: float32's error), 1.1-1.4x the
+  FMA path;
 - matmul_nn: x . w for w stored [K, N] (the projections, [in, out]), 1.4-1.7x XLA's dot at B = 16 (the
   same AMX scheme over 16-column blocks was measured 0.8-0.9x of it, and is not used).
 
