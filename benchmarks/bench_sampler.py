@@ -189,7 +189,7 @@ def main() -> None:
     print(f"\nGemma 3 270M, {args.dtype}, {device_name}, {os.cpu_count()} CPU cores, torch threads "
           f"{args.torch_threads}, "
           f"T=1 full-vocabulary sampling; weights {weight_bytes / 1e6:.0f} MB, read bandwidth "
-          f"{read_bw / 1e9:.1f} GB/s; pf_jax CPU kernels {'on' if cpu_kernel else 'off'}{' (head on AMX for 12-32 and 48-64 rows)' if amx else ''}; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
+          f"{read_bw / 1e9:.1f} GB/s; pf_jax CPU kernels {'on' if cpu_kernel else 'off'}{' (AMX: the head for 12-32 and 48-64 rows, the projections packed for 12-32)' if amx else ''}; load average {os.getloadavg()[0]:.1f}; best of {args.repeats} (median)")
     print("| batch | new tokens | pf_jax tok/s | transformers tok/s | ratio | roofline tok/s | pf_jax / roofline |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:

@@ -1,6 +1,7 @@
 """pf_jax.kernels: the CPU skinny-matmul kernel against a float64 reference, where it is taken, its
 fallbacks, and a compiler failure."""
 
+import gc
 import platform
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pf_jax.kernels.skinny_matmul import (
     AMX_MIN_ROWS,
     MAX_ROWS,
     MIN_ROWS_NN,
+    PACKED_ROWS,
     TARGET,
     TARGET_NN,
     KernelBuildError,
@@ -23,11 +25,19 @@ from pf_jax.kernels.skinny_matmul import (
     build,
     matmul_nn,
     matmul_nt,
+    matmul_packed,
+    pack_nn,
+    packing_pays,
 )
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.kv_cache import KVCache
+from pf_jax.models.logprobs import sequence_logprobs
+from pf_jax.sampling import GenerationConfig, generate, sampler
+from pf_jax.sampling.layout import RowLayout
+from pf_jax.sampling.sampler import decode_packing
 
+needs_amx = pytest.mark.skipif(not amx_available(), reason="the CPU or the OS offers no AMX tiles")
 needs_kernel = pytest.mark.skipif(
     platform.machine().lower() not in ("x86_64", "amd64") or "avx512f" not in Path("/proc/cpuinfo").read_text(),
     reason="the kernel needs an x86 CPU with AVX-512 (Linux /proc/cpuinfo)")
@@ -198,3 +208,100 @@ def test_decoder_log_probs_on_the_amx_head_equal_xla():
     fast = jax.nn.log_softmax(jax.jit(lambda h: model.logits(h, one_device=True))(hidden))
     assert amx_calls() == before + 1
     np.testing.assert_allclose(fast, jax.nn.log_softmax(model.logits(hidden)), rtol=1e-6, atol=1e-5)
+
+
+# (M, [N_i], K) for the projections' AMX path on packed weights: 1-4 blocks of 16 rows of x in one or two
+# passes; several weights side by side (q | k | v), with blocks of 16 columns that straddle two of them and a
+# partial last block; K chunks of 32 with a masked remainder (K < 16, K < 32, K % 32).
+PACKED_SHAPES = [(PACKED_ROWS[0], [1000], 640), (16, [256, 64, 64], 640), (17, [37, 5], 96), (32, [16], 37),
+                 (20, [3, 50, 30], 13), (16, [129], 1), (48, [300], 64), (MAX_ROWS, [77, 3], 100), (1, [20], 33)]
+
+
+@needs_amx
+@pytest.mark.parametrize("shape", PACKED_SHAPES)
+def test_packed_projection_is_as_exact_as_float32(shape):
+    # pack_nn(w_0, w_1, ...) then matmul_packed = x . [w_0 | w_1 | ...] with a float32 dot's error: against
+    # float64 and XLA's dot, values over six decades, as the head's AMX path
+    m, widths, k = shape
+    scale = lambda key, s: jnp.exp(jax.random.uniform(key, s, minval=-7.0, maxval=7.0))
+    x = jax.random.normal(jax.random.key(0), (m, k)) * scale(jax.random.key(2), (m, k))
+    ws = [jax.random.normal(jax.random.key(10 + i), (k, n)) * scale(jax.random.key(20 + i), (k, n))
+          for i, n in enumerate(widths)]
+    w = jnp.concatenate(ws, axis=1)
+    packed = jax.jit(pack_nn)(*ws)
+    before = amx_calls()
+    got = np.asarray(jax.jit(matmul_packed, static_argnums=2)(x, packed, w.shape[1]))
+    assert amx_calls() == before + 1
+    xla = np.asarray(jax.jit(lambda x, w: x @ w)(x, w))
+    x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+    want, magnitude = x64 @ w64, np.abs(x64) @ np.abs(w64)
+    error = lambda out: np.abs(out - want) / magnitude
+    assert got.shape == want.shape
+    assert error(got).max() < 2.0 ** -24 * 4 * np.sqrt(k)
+    assert error(got).mean() <= 1.5 * error(xla).mean() + 2.0 ** -26
+
+
+@needs_amx
+def test_packed_layout_and_its_errors():
+    w = jnp.arange(3 * 20, dtype=jnp.float32).reshape(3, 20)  # K = 3, N = 20: one full and one partial block
+    packed = np.asarray(jax.jit(pack_nn)(w))
+    assert packed.shape == (2, 16, 16, 2)  # [N/16, K padded to 32 / 2, 16 columns, 2 rows of a pair]
+    np.testing.assert_array_equal(packed[0, 1, :, 0], np.asarray(w[2, :16]))  # row 2k + t, column 16b + n
+    np.testing.assert_array_equal(packed[1, 0, :4, 1], np.asarray(w[1, 16:]))
+    assert not packed[1, :, 4:].any() and not packed[:, 2:].any()  # zero padding
+    with pytest.raises(ValueError, match="one K"):
+        pack_nn(w, jnp.ones((4, 16)))
+    with pytest.raises(ValueError, match="float32"):
+        pack_nn(w.astype(jnp.bfloat16))
+    with pytest.raises(ValueError, match=r"do not hold a float32 \[3, 40\] weight"):
+        matmul_packed(jnp.ones((16, 3)), jnp.asarray(packed), 40)
+
+
+@needs_amx
+def test_packing_only_for_its_row_counts():
+    assert [packing_pays(r) for r in (PACKED_ROWS[0] - 1, PACKED_ROWS[0], 16, PACKED_ROWS[1], PACKED_ROWS[1] + 1)] == [
+        False, True, True, True, False]
+
+
+@needs_amx
+@pytest.mark.parametrize("architecture", ["gemma3", "qwen2"])
+def test_decoder_decode_step_on_packed_projections_equals_without(architecture):
+    # 16 rows (a batch-16 decode step) through a cache: q | k | v, o, gate | up and down on packed weights
+    # (qwen2 adds q/k/v biases, gemma3 norms around them), same hidden states and cache
+    model = Decoder(ModelConfig.tiny(architecture), rngs=nnx.Rngs(0), scan_layers=False)
+    prompt = jax.random.randint(jax.random.key(9), (16, 5), 0, model.cfg.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(5), (16, 5))
+    _, cache = model(prompt, positions, None, KVCache.init(model.cfg, 16, 8, model.dtype))
+    token, position = prompt[:, -1:], jnp.full((16, 1), 5)
+    packed = jax.jit(model.packed_projections)()
+    before = amx_calls()
+    h_fast, cache_fast = model(token, position, None, cache, one_device=True, packed=packed)
+    assert amx_calls() == before + 4 * model.cfg.num_layers
+    h_ref, cache_ref = model(token, position, None, cache)
+    np.testing.assert_allclose(h_fast, h_ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache_fast.k, cache_ref.k, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(cache_fast.v, cache_ref.v, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unrolled"):
+        Decoder(ModelConfig.tiny(architecture), rngs=nnx.Rngs(0)).packed_projections()
+
+
+@needs_amx
+def test_sampler_decodes_16_rows_on_packed_projections_packed_once_per_weights():
+    model = Decoder(ModelConfig.tiny("gemma3"), rngs=nnx.Rngs(0), scan_layers=False)
+    prompts = [[5, 9, 2, 33], [4, 40], [12, 3, 60, 21, 7]] * 5 + [[8]]  # 16 rows, left-padded
+    config = GenerationConfig(max_new_tokens=6, eos_token_ids=(), min_prompt_bucket=8)
+    before = amx_calls()
+    result = generate(model, prompts, jax.random.key(3), config)
+    assert amx_calls() > before  # the packed path ran
+    layout = RowLayout.of(nnx.state(model))
+    packed = decode_packing(model, layout, 16)
+    assert decode_packing(model, layout, 16) is packed  # the same weights are packed once
+    assert decode_packing(model, layout, PACKED_ROWS[1] + 1) is None
+    tokens, mask = result.sequences()
+    teacher = np.asarray(sequence_logprobs(model, tokens, mask))[:, tokens.shape[1] - 7:]
+    np.testing.assert_allclose(np.asarray(result.policy_logprobs), teacher, atol=2e-5, rtol=0)
+    model.layers[0].q[...] = model.layers[0].q[...] * 2.0  # new weights (an update): packed again
+    assert decode_packing(model, layout, 16) is not packed
+    del model, packed
+    gc.collect()
+    assert not sampler._packings  # the weights are gone: so is their packing

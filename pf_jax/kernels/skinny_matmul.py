@@ -10,7 +10,11 @@ holds two AVX-512 XLA FFI kernels that stream each weight once with the rows' pa
   exactly into three bf16 pieces each (eight of the nine piece products: float32's error), 1.1-1.4x the
   FMA path;
 - matmul_nn: x . w for w stored [K, N] (the projections, [in, out]), 1.4-1.7x XLA's dot at B = 16 (the
-  same AMX scheme over 16-column blocks was measured 0.8-0.9x of it, and is not used).
+  same AMX scheme over 16-column blocks of w in place was measured 0.8-0.9x of it, and is not used);
+- pack_nn + matmul_packed: the projections on AMX tiles for 12-32 rows, with w repacked once per set of
+  weights into 16-column blocks that are each one contiguous stream (pf_jax.sampling.sampler.decode_packing;
+  q | k | v and gate | up packed side by side, one product each): 0.55-0.9x matmul_nn's time per
+  projection with the weights coming from memory, 1.10x the whole batch-16 sampler.
 
 They are compiled on first use with the system C++ compiler against the FFI headers that ship with
 jaxlib, cached under $PF_JAX_CACHE (default ~/.cache/pf_jax)/kernels, and registered for the CPU
@@ -43,8 +47,11 @@ log = logging.getLogger(__name__)
 
 TARGET = "pf_skinny_matmul_nt"  # x [M, K] . w [N, K]^T (the output head, w = the [V, D] embedding)
 TARGET_NN = "pf_skinny_matmul_nn"  # x [M, K] . w [K, N] (the layers' projections, stored [in, out])
+TARGET_PACK = "pf_pack_nn"  # w [K, N] -> [N/16, K/2, 16, 2]: the projections' layout for the AMX path
+TARGET_PACKED = "pf_packed_matmul_nn"  # x [M, K] . w (packed) on AMX tiles
 MAX_ROWS = 64  # above this XLA's dot is as fast (the weight is reused enough to be compute bound)
 AMX_MIN_ROWS = 12  # the head's AMX path: 12-32 rows (one pass over w) and 48-64 (two); see amx_pays
+PACKED_ROWS = (12, 32)  # the projections' AMX path (matmul_packed): see packing_pays
 MIN_ROWS_NN = 2  # one row: XLA's [in, out] dot streams the weight as fast (measured 156-215 us vs 181-188)
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 
@@ -121,6 +128,8 @@ def available() -> bool:
         return False
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.PfSkinnyMatmulNT), platform="cpu")
     jax.ffi.register_ffi_target(TARGET_NN, jax.ffi.pycapsule(lib.PfSkinnyMatmulNN), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_PACK, jax.ffi.pycapsule(lib.PfPackNN), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_PACKED, jax.ffi.pycapsule(lib.PfPackedMatmulNN), platform="cpu")
     return True
 
 
@@ -170,3 +179,44 @@ def matmul_nn(x: Array, w: Array, in_dims: int = 1) -> Array:
         return out.reshape(*lead, *out_dims)
 
     return jax.lax.platform_dependent(x, w, cpu=kernel, default=dot)
+
+
+
+def packing_pays(rows: int) -> bool:
+    """Whether a decode loop of this many rows should pack the projections for matmul_packed (AMX tiles).
+    Measured per projection with the weights coming from memory, against matmul_nn: 0.9x its time at 12
+    rows, 0.55-0.7x at 32; two passes over w (48-64 rows) even or 0.9x, which does not repay the packing."""
+    return PACKED_ROWS[0] <= rows <= PACKED_ROWS[1] and amx_available()
+
+
+def packed_shape(k: int, n: int) -> tuple[int, int, int, int]:
+    """The shape of w [k, n] packed: [ceil(n / 16), ceil(k / 32) * 16, 16, 2] (16-column blocks, each a run of
+    K-pairs: the AMX B-tile order)."""
+    return (-(-n // 16), -(-k // 32) * 16, 16, 2)
+
+
+def pack_nn(*ws: Array) -> Array:
+    """float32 weights [K, N_i] -> their concatenation [K, sum N_i] in the packed layout of matmul_packed
+    (zeros in the padding), by the CPU kernel: several projections of one input (q, k, v) become one
+    product without a concatenated copy.
+
+    CPU only, and only where available() (the caller's check: packing_pays)."""
+    if not ws or any(w.ndim != 2 or w.dtype != jnp.float32 or w.shape[0] != ws[0].shape[0] for w in ws):
+        raise ValueError(f"pack_nn: expected float32 [K, N_i] weights with one K, got "
+                         f"{[(str(w.dtype), w.shape) for w in ws]}")
+    shape = packed_shape(ws[0].shape[0], sum(w.shape[1] for w in ws))
+    return jax.ffi.ffi_call(TARGET_PACK, jax.ShapeDtypeStruct(shape, jnp.float32))(*ws)
+
+
+def matmul_packed(x: Array, packed: Array, n: int) -> Array:
+    """float32 x [..., K] . w [K, n] -> [..., n], with w given as pack_nn(w): on AMX tiles, float32-exact as
+    matmul_nt's AMX path (eight of the nine bf16 piece products).
+
+    CPU only, and only where packing_pays(rows of x) (AMX enabled in this process)."""
+    k = x.shape[-1]
+    if packed.shape != packed_shape(k, n) or x.dtype != jnp.float32:
+        raise ValueError(f"matmul_packed: x {x.dtype} {x.shape} and packed {packed.shape} do not hold a "
+                         f"float32 [{k}, {n}] weight (expected {packed_shape(k, n)})")
+    flat = x.reshape(-1, k)
+    out = jax.ffi.ffi_call(TARGET_PACKED, jax.ShapeDtypeStruct((flat.shape[0], n), jnp.float32))(flat, packed)
+    return out.reshape(*x.shape[:-1], n)

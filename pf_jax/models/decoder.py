@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
-from pf_jax.kernels import matmul_nn, matmul_nt
+from pf_jax.kernels import matmul_nn, matmul_nt, matmul_packed, pack_nn
 from pf_jax.models.config import ModelConfig, rope_inverse_frequencies
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.sharding.mesh import constrain
@@ -143,6 +143,25 @@ class Decoder(nnx.Module):
         """[V, D] output projection (the embedding when tied); contract over D, never transpose."""
         return self.embed[...] if self.cfg.tie_embeddings else self.lm_head_weight[...]
 
+    def packed_projections(self) -> tuple[dict[str, Array], ...]:
+        """Per layer, the projection weights in the layout of pf_jax.kernels.matmul_packed (its AMX path
+        on CPU): "qkv" (q, k and v side by side: one product), "o", "gate_up" (gate and up side by side)
+        and "down". For a decode loop on CPU: pack once before the loop, pass to every step (`packed`).
+        A copy of the layers' projection weights. Unrolled layers only (scan_layers=False)."""
+        if self.scan_layers:
+            raise ValueError("packed_projections needs unrolled layers (with_layer_layout(model, scan_layers=False))")
+        packed = []
+        for layer in self.layers:
+            p = {name: w[0].astype(self.dtype) for name, w in layer.arrays().items()}
+            d = self.cfg.hidden_size
+            packed.append({
+                "qkv": pack_nn(*(p[n].reshape(d, -1) for n in ("q", "k", "v"))),
+                "o": pack_nn(p["o"].reshape(-1, d)),
+                "gate_up": pack_nn(p["gate"], p["up"]),
+                "down": pack_nn(p["down"]),
+            })
+        return tuple(packed)
+
     def logits(self, hidden: Array, *, one_device: bool = False) -> Array:
         """[B, T, V] float32 logits, soft-capped (c tanh(z / c)) where configured. Small vocab / last step only.
 
@@ -157,7 +176,8 @@ class Decoder(nnx.Module):
         return z if cap is None else jnp.tanh(z / cap) * cap
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, *, one_device: bool = False) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, *, one_device: bool = False,
+                 packed: tuple[dict[str, Array], ...] | None = None) -> tuple[Array, KVCache | None]:
         """tokens, positions: int [B, T]; attention_mask: bool [B, T] (False = padding).
 
         Without a cache, token t attends to tokens s <= t that are not padding. With a cache, the T new
@@ -165,6 +185,8 @@ class Decoder(nnx.Module):
         Sliding layers additionally require position(q) - position(k) < sliding_window.
         one_device: the arrays are on one device, so the projections may take pf_jax.kernels.matmul_nn
         (faster on CPU for a few rows: decode steps).
+        packed: the layers' projections from `packed_projections()` (weights on one CPU device, unrolled
+        layers): they take pf_jax.kernels.matmul_packed instead; same result up to float32 rounding.
         Returns the final-normed hidden states [B, T, D] and the updated cache (or None).
         """
         cfg = self.cfg
@@ -196,14 +218,20 @@ class Decoder(nnx.Module):
 
         def block(carry, layer):
             x, k_all, v_all = carry
-            p, inv_freq_l, window, layer_index = layer
+            p, inv_freq_l, window, layer_index, pk = layer
             p = {name: w.astype(self.dtype) for name, w in p.items()}
             norm = lambda y, w: rms_norm(y, w, eps=cfg.rms_norm_eps, offset=cfg.norm_weight_offset)
 
             h = constrain(norm(x, p["attn_norm"]), EMBED_LAYOUT)
-            q = dense("btd,dhk->bthk", h, p["q"])
-            k = dense("btd,dhk->bthk", h, p["k"])
-            v = dense("btd,dhk->bthk", h, p["v"])
+            if pk is None:
+                q = dense("btd,dhk->bthk", h, p["q"])
+                k = dense("btd,dhk->bthk", h, p["k"])
+                v = dense("btd,dhk->bthk", h, p["v"])
+            else:
+                widths = [math.prod(p[n].shape[1:]) for n in ("q", "k", "v")]
+                qkv = matmul_packed(h, pk["qkv"], sum(widths))
+                q, k, v = (part.reshape(b, t, *p[n].shape[1:]) for part, n in
+                           zip(jnp.split(qkv, np.cumsum(widths)[:-1], axis=-1), ("q", "k", "v")))
             if cfg.attention_bias:
                 q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
             if cfg.qk_norm:
@@ -216,14 +244,20 @@ class Decoder(nnx.Module):
                 v = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
             allowed = causal & (distance < window)
             a = attention(q, k, v, allowed, scale=cfg.attention_scale)
-            a = dense("bthk,hkd->btd", a, p["o"], in_dims=2)
+            if pk is None:
+                a = dense("bthk,hkd->btd", a, p["o"], in_dims=2)
+            else:
+                a = matmul_packed(a.reshape(b, t, -1), pk["o"], cfg.hidden_size)
             x = x + (norm(a, p["post_attn_norm"]) if cfg.sandwich_norm else a)
 
             h = constrain(norm(x, p["mlp_norm"]), EMBED_LAYOUT)
-            gate = dense("btd,df->btf", h, p["gate"])
+            if pk is None:
+                gate, up = dense("btd,df->btf", h, p["gate"]), dense("btd,df->btf", h, p["up"])
+            else:
+                gate, up = jnp.split(matmul_packed(h, pk["gate_up"], 2 * cfg.intermediate_size), 2, axis=-1)
             gate = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-            hidden = constrain(gate * dense("btd,df->btf", h, p["up"]), MLP_LAYOUT)
-            m = dense("btf,fd->btd", hidden, p["down"])
+            hidden = constrain(gate * up, MLP_LAYOUT)
+            m = dense("btf,fd->btd", hidden, p["down"]) if pk is None else matmul_packed(hidden, pk["down"], cfg.hidden_size)
             x = x + (norm(m, p["post_mlp_norm"]) if cfg.sandwich_norm else m)
             return (x, k_all, v_all), None
 
@@ -231,12 +265,14 @@ class Decoder(nnx.Module):
             block = jax.checkpoint(block)
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         if self.scan_layers:
-            xs = (self.layers.arrays(), inv_freq, windows, np.arange(cfg.num_layers, dtype=np.int32))
+            if packed is not None:
+                raise ValueError("packed projections need unrolled layers")
+            xs = (self.layers.arrays(), inv_freq, windows, np.arange(cfg.num_layers, dtype=np.int32), None)
             carry, _ = jax.lax.scan(block, carry, xs)
         else:
             for i, layer in enumerate(self.layers):
                 params = {name: w[0] for name, w in layer.arrays().items()}
-                carry, _ = block(carry, (params, inv_freq[i], windows[i], i))
+                carry, _ = block(carry, (params, inv_freq[i], windows[i], i, None if packed is None else packed[i]))
         x, k_all, v_all = carry
         x = rms_norm(x, self.final_norm[...], eps=cfg.rms_norm_eps, offset=cfg.norm_weight_offset)
         x = constrain(x, EMBED_LAYOUT)

@@ -37,7 +37,8 @@ def padded_prompt_count(prompts: int, n: int, shards: int) -> int:
 @dataclasses.dataclass(frozen=True)
 class RowLayout:
     """The mesh and the mesh axes that split the sampler's rows; mesh None = no split. one_device: every
-    weight is on a single device, so per-device kernels without a sharding rule (pf_jax.kernels) may run.
+    weight is on a single device, so per-device kernels without a sharding rule (pf_jax.kernels) may run;
+    cpu: and that device is a CPU (the decode loop may pack the projections for pf_jax.kernels.matmul_packed).
 
     Hashable: a static argument of the sampler's jitted functions.
     """
@@ -45,6 +46,7 @@ class RowLayout:
     mesh: Mesh | None = None
     axes: tuple[str, ...] = ()
     one_device: bool = False
+    cpu: bool = False
 
     @classmethod
     def of(cls, weights: Any) -> RowLayout:
@@ -57,8 +59,9 @@ class RowLayout:
                 mesh_shape = dict(sharding.mesh.shape)
                 axes = tuple(a for a in DEFAULT_RULES["batch"] if mesh_shape.get(a, 1) > 1)
                 return cls(sharding.mesh, axes) if axes else cls()
-        return cls(one_device=all(len(leaf.sharding.device_set) == 1 for leaf in leaves
-                                  if hasattr(leaf, "sharding")))
+        placed = [leaf.sharding.device_set for leaf in leaves if hasattr(leaf, "sharding")]
+        one_device = all(len(devices) == 1 for devices in placed)
+        return cls(one_device=one_device, cpu=one_device and all(d.platform == "cpu" for ds in placed for d in ds))
 
     @property
     def shards(self) -> int:

@@ -37,7 +37,7 @@ from pf_jax.sampling.filters import SamplingParams, sample_next_token
 from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.power_math import ChainState, ProposeSuffix, power_sample
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
-from pf_jax.sampling.sampler import GenerationConfig, prefill, prepare_prompts
+from pf_jax.sampling.sampler import GenerationConfig, decode_packing, prefill, prepare_prompts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +65,8 @@ class PowerSamplingConfig:
 
 def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache: KVCache, prompt_lengths: Array,
                              proposal: SamplingParams, end_token_ids: Sequence[int], pad_token_id: int,
-                             layout: RowLayout | None = None) -> ProposeSuffix:
+                             layout: RowLayout | None = None,
+                             packed: tuple[dict[str, Array], ...] | None = None) -> ProposeSuffix:
     """The ``ProposeSuffix`` (see power_math) of a Decoder, for use inside a traced function.
 
     prompt_hidden: [N, D] final hidden state after each row's last prompt token; prompt_cache: the
@@ -73,6 +74,7 @@ def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache:
     prompt_lengths: int32 [N] real prompt tokens (RoPE position of response token t = length + t).
     end_token_ids: EOS and stop ids (a response ends after emitting one, which stays in it).
     layout: how the rows are split over devices (pf_jax.sampling.layout; None = not split).
+    packed: the model's projections packed for the decode steps (pf_jax.sampling.sampler.decode_packing).
     """
     ends = jnp.asarray(tuple(end_token_ids), jnp.int32)
     one_device = layout is not None and layout.one_device
@@ -102,7 +104,8 @@ def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache:
             t = carry["t"]
             previous = jax.lax.dynamic_index_in_dim(carry["tokens"], t - 1, axis=1, keepdims=True)  # [N, 1]
             # A row that has ended keeps decoding its pad token (static shapes); emit masks it out.
-            hidden, cache = model(previous, (prompt_lengths + t - 1)[:, None], None, carry["cache"], one_device=one_device)
+            hidden, cache = model(previous, (prompt_lengths + t - 1)[:, None], None, carry["cache"], one_device=one_device,
+                                  packed=packed)
             return emit(t, hidden[:, 0], dict(carry, cache=cache))
 
         carry = dict(t=jnp.zeros((), jnp.int32), cache=prompt_cache,
@@ -135,15 +138,16 @@ def power_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array,
     if config.min_new_tokens:
         raise ValueError("power sampling does not support min_new_tokens > 0 (it would change the target p^alpha)")
     config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, n)
-    out, acceptance = _power_generate(graphdef, state, *layout.place_rows((tokens, mask)), key,
+    packed = decode_packing(model, layout, tokens.shape[0] * n)
+    out, acceptance = _power_generate(graphdef, state, *layout.place_rows((tokens, mask)), key, packed,
                                       config=config, power=power, n=n, layout=layout)
     return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n), acceptance[: len(prompts) * n]
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "power", "n", "layout"))
-def _power_generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array, key: Array, *,
-                    config: GenerationConfig, power: PowerSamplingConfig, n: int, layout: RowLayout
-                    ) -> tuple[dict[str, Array], Array]:
+def _power_generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array, key: Array,
+                    packed: tuple[dict[str, Array], ...] | None = None, *, config: GenerationConfig,
+                    power: PowerSamplingConfig, n: int, layout: RowLayout) -> tuple[dict[str, Array], Array]:
     """Prefill the left-padded prompts [B, P], repeat each row n times, run ``power_sample``."""
     model = nnx.merge(graphdef, state)
     hidden, cache = prefill(graphdef, state, tokens, mask, cache_len=tokens.shape[1] + config.max_new_tokens, n=n,
@@ -151,7 +155,8 @@ def _power_generate(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mas
     prompt_lengths = layout.constrain_rows(jnp.repeat(jnp.sum(mask, axis=-1).astype(jnp.int32), n, axis=0))
     propose = kv_cache_suffix_proposer(model, hidden, cache, prompt_lengths,
                                        power.proposal(config.sampling),
-                                       config.eos_token_ids + config.stop_token_ids, config.pad_token_id, layout)
+                                       config.eos_token_ids + config.stop_token_ids, config.pad_token_id, layout,
+                                       packed)
     chains, acceptance = power_sample(key, propose, tokens.shape[0] * n, config.max_new_tokens,
                                       power.block_size, power.mcmc_steps, power.alpha)
     lengths = jnp.sum(chains.mask, axis=-1).astype(jnp.int32)

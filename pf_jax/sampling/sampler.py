@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import weakref
 from collections.abc import Sequence
 
 import jax
@@ -18,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
+from pf_jax.kernels import packing_pays
 from pf_jax.models.decoder import Decoder, with_layer_layout
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.models.logprobs import positions_from_mask
@@ -89,8 +91,44 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
     hidden, cache = prefill(graphdef, state, *layout.place_rows((tokens, mask)),
                              cache_len=tokens.shape[1] + config.max_new_tokens, n=n, layout=layout)
     prompt_lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
-    out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, config=config, layout=layout)
+    packed = decode_packing(model, layout, hidden.shape[0])
+    out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, packed, config=config, layout=layout)
     return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n)
+
+
+_packings: list[tuple[object, tuple[weakref.ref, ...], tuple[dict[str, Array], ...]]] = []  # the latest only
+
+
+def decode_packing(model: Decoder, layout: RowLayout, rows: int) -> tuple[dict[str, Array], ...] | None:
+    """The decode loop's projection weights packed for the AMX path on CPU (model.packed_projections), or
+    None where that path is not taken: weights not on one CPU device, stacked layers, not float32, a row
+    count outside pf_jax.kernels.packing_pays, no AMX.
+
+    Packed once per set of weights: the latest packing is kept while the arrays it was packed from are
+    alive, so that repeated calls with the same weights (inference, a benchmark) pack once and a training
+    run packs once per update; it is dropped when they are freed. Holds one weight-sized copy at most."""
+    if not (layout.cpu and not model.scan_layers and model.dtype == jnp.float32 and packing_pays(rows)):
+        return None
+    arrays = tuple(w for layer in model.layers for w in layer.arrays().values())
+    if any(w.dtype != jnp.float32 for w in arrays):
+        return None
+    for _, refs, packed in _packings:
+        if len(refs) == len(arrays) and all(r() is w for r, w in zip(refs, arrays)):
+            return packed
+    graphdef, state = nnx.split(model)
+    packed, token = _pack(graphdef, state), object()
+    _packings[:] = [(token, tuple(weakref.ref(w) for w in arrays), packed)]
+    weakref.finalize(arrays[0], _drop_packing, token)  # the weights are gone: so is their packing
+    return packed
+
+
+def _drop_packing(token: object) -> None:
+    _packings[:] = [entry for entry in _packings if entry[0] is not token]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _pack(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[dict[str, Array], ...]:
+    return nnx.merge(graphdef, state).packed_projections()
 
 
 def prepare_prompts(model: Decoder, prompts: Sequence[Sequence[int]], config: GenerationConfig, n: int
@@ -128,11 +166,13 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"), donate_argnames=("cache",))
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCache, prompt_lengths: Array,
-            key: Array, *, config: GenerationConfig, layout: RowLayout) -> tuple[dict[str, Array], KVCache]:
+            key: Array, packed: tuple[dict[str, Array], ...] | None = None, *, config: GenerationConfig,
+            layout: RowLayout) -> tuple[dict[str, Array], KVCache]:
     """Emit up to max_new_tokens tokens per row in a lax.while_loop that stops once every row has ended.
 
     hidden: [N, D] state after the last prompt token; prompt_lengths: int32 [N] real prompt tokens (the
-    RoPE position of response token j is prompt_length + j). Returns SampleResult's response fields and
+    RoPE position of response token j is prompt_length + j); packed: the projections for
+    pf_jax.kernels.matmul_packed (decode_packing), or None. Returns SampleResult's response fields and
     the final cache (returned so that the donated input cache is updated in place, not copied).
     """
     model = nnx.merge(graphdef, state)
@@ -172,7 +212,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         previous = jax.lax.dynamic_index_in_dim(carry["tokens"], i - 1, axis=1, keepdims=True)  # [N, 1]
         # A finished row keeps decoding its pad token (static shapes); its outputs are masked in emit.
         h, cache = model(previous, (prompt_lengths + i - 1)[:, None], None, carry["cache"],
-                         one_device=layout.one_device)
+                         one_device=layout.one_device, packed=packed)
         return emit(i, h[:, 0], dict(carry, cache=layout.constrain_cache(cache)))
 
     carry = dict(
