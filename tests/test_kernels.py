@@ -1,5 +1,6 @@
-"""pf_jax.kernels: the CPU skinny-matmul kernel against a float64 reference, where it is taken, its
-fallbacks, and a compiler failure."""
+"""pf_jax.kernels: the CPU decode kernels (skinny matmuls, their AMX paths, the packed projections, decode
+attention) against float64 or XLA references, where they are taken, their fallbacks, and a compiler
+failure."""
 
 import gc
 import platform
@@ -12,12 +13,14 @@ import pytest
 from flax import nnx
 
 from pf_jax.kernels import skinny_matmul
+from pf_jax.kernels.attention import decode_attention
 from pf_jax.kernels.skinny_matmul import (
     AMX_MIN_ROWS,
     MAX_ROWS,
     MIN_ROWS_NN,
     PACKED_ROWS,
     TARGET,
+    TARGET_ATTENTION,
     TARGET_NN,
     KernelBuildError,
     amx_available,
@@ -30,7 +33,7 @@ from pf_jax.kernels.skinny_matmul import (
     packing_pays,
 )
 from pf_jax.models.config import ModelConfig
-from pf_jax.models.decoder import Decoder
+from pf_jax.models.decoder import Decoder, attention
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.models.logprobs import sequence_logprobs
 from pf_jax.sampling import GenerationConfig, generate, sampler
@@ -184,6 +187,7 @@ def test_decoder_decode_step_with_the_kernels_equals_without(architecture):
     token, position = prompt[:, -1:], jnp.full((3, 1), 5)
     step = lambda one_device: model(token, position, None, cache, one_device=one_device)
     assert uses_kernel(lambda c: model(token, position, None, c, one_device=True)[0], cache, target=TARGET_NN)
+    assert uses_kernel(lambda c: model(token, position, None, c, one_device=True)[0], cache, target=TARGET_ATTENTION)
     (h_fast, cache_fast), (h_ref, cache_ref) = step(True), step(False)
     np.testing.assert_allclose(h_fast, h_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache_fast.k, cache_ref.k, rtol=1e-5, atol=1e-5)
@@ -275,7 +279,7 @@ def test_decoder_decode_step_on_packed_projections_equals_without(architecture):
     token, position = prompt[:, -1:], jnp.full((16, 1), 5)
     packed = jax.jit(model.packed_projections)()
     before = amx_calls()
-    h_fast, cache_fast = model(token, position, None, cache, one_device=True, packed=packed)
+    h_fast, cache_fast = jax.block_until_ready(model(token, position, None, cache, one_device=True, packed=packed))
     assert amx_calls() == before + 4 * model.cfg.num_layers
     h_ref, cache_ref = model(token, position, None, cache)
     np.testing.assert_allclose(h_fast, h_ref, rtol=1e-5, atol=1e-5)
@@ -291,7 +295,7 @@ def test_sampler_decodes_16_rows_on_packed_projections_packed_once_per_weights()
     prompts = [[5, 9, 2, 33], [4, 40], [12, 3, 60, 21, 7]] * 5 + [[8]]  # 16 rows, left-padded
     config = GenerationConfig(max_new_tokens=6, eos_token_ids=(), min_prompt_bucket=8)
     before = amx_calls()
-    result = generate(model, prompts, jax.random.key(3), config)
+    result = jax.block_until_ready(generate(model, prompts, jax.random.key(3), config))
     assert amx_calls() > before  # the packed path ran
     layout = RowLayout.of(nnx.state(model))
     packed = decode_packing(model, layout, 16)
@@ -305,3 +309,36 @@ def test_sampler_decodes_16_rows_on_packed_projections_packed_once_per_weights()
     del model, packed
     gc.collect()
     assert not sampler._packings  # the weights are gone: so is their packing
+
+
+# (B, H, KVH, Dh, S): Gemma 3's 4 query heads on 1 kv head of 256; 2 kv heads with a head dim that is not a
+# multiple of 16 (masked tail); 8 query heads per kv head (the most the kernel holds); a single slot.
+ATTENTION_SHAPES = [(3, 4, 1, 256, 37), (2, 4, 2, 20, 5), (2, 8, 1, 16, 9), (1, 2, 2, 64, 1)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", ATTENTION_SHAPES)
+def test_decode_attention_reads_the_stacked_cache_like_xla(shape):
+    b, h, kvh, dh, s = shape
+    keys = jax.random.split(jax.random.key(0), 4)
+    q = jax.random.normal(keys[0], (b, 1, h, dh))
+    k_all, v_all = (jax.random.normal(key, (3, b, s, kvh, dh)) for key in keys[1:3])
+    allowed = jax.random.bernoulli(keys[3], 0.6, (b, 1, s)).at[0].set(False)  # row 0: no slot (uniform)
+    reference = lambda layer: lambda: attention(q, k_all[layer], v_all[layer], allowed, scale=0.3)
+    fast = jax.jit(lambda q, k, v, a, layer: decode_attention(q, k, v, a, layer, 0.3, reference(1)))
+    assert TARGET_ATTENTION in fast.lower(q, k_all, v_all, allowed, 1).as_text()
+    for layer in (0, 2):  # the layer index is an operand (traced under lax.scan)
+        got = fast(q, k_all, v_all, allowed, layer)  # weighted means of O(1) values: float32 error ~1e-6
+        np.testing.assert_allclose(got, reference(layer)(), rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+def test_decode_attention_falls_back_where_the_kernel_does_not_apply():
+    q, k_all = jnp.ones((2, 1, 18, 16)), jnp.ones((1, 2, 3, 2, 16))  # 9 query heads per kv head
+    sentinel = jnp.zeros((2, 1, 18, 16))
+    assert decode_attention(q, k_all, k_all, jnp.ones((2, 1, 3), bool), 0, 1.0, lambda: sentinel) is sentinel
+    q2 = jnp.ones((2, 2, 4, 16))  # two query tokens (a prefill)
+    assert decode_attention(q2, k_all, k_all, jnp.ones((2, 2, 3), bool), 0, 1.0, lambda: sentinel) is sentinel
+    bf16 = k_all.astype(jnp.bfloat16)
+    assert decode_attention(q.astype(jnp.bfloat16)[:, :, :4], bf16, bf16, jnp.ones((2, 1, 3), bool), 0, 1.0,
+                            lambda: sentinel) is sentinel

@@ -18,6 +18,8 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
+#include <limits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -720,6 +722,94 @@ ffi::Error PackedMatmulNN(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 #endif
 }
 
+// ---- One decode step's attention, reading the stacked KV cache in place ----
+//
+// out[b, h] = sum_s p[s] v[layer, b, s, h / G], p = softmax_s(scale * q[b, h] . k[layer, b, s, h / G]) over
+// the slots s with allowed[b, s] (G query heads per kv head; no slot allowed: uniform over all slots, as
+// pf_jax.models.decoder.attention). XLA's version slices the layer's keys and values out of the [L, ...]
+// cache at every step (a copy of both) before two small batched dots. Work: one (row, kv head) per chunk.
+constexpr int kMaxGroup = 8;  // query heads per kv head held at once
+
+__attribute__((target("avx512f"))) void AttendRow(const float* q, const float* k, const float* v, const bool* allowed,
+                                                  float* out, int64_t s_dim, int64_t kvh, int64_t group, int64_t dh,
+                                                  float scale, float* p) {
+  // p: [group][s_dim] scratch. k, v: this row's slot 0 of this kv head; slot stride kvh * dh.
+  const int64_t stride = kvh * dh;
+  const __mmask16 tail = static_cast<__mmask16>(dh % 16 ? (1u << (dh % 16)) - 1 : 0xFFFF);
+  const int64_t vecs = (dh + 15) / 16;
+  bool any = false;
+  for (int64_t s = 0; s < s_dim; ++s) any |= allowed[s];
+  for (int64_t g = 0; g < group; ++g) {
+    float* pg = p + g * s_dim;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < s_dim; ++s) {
+      if (any && !allowed[s]) continue;
+      __m512 acc = _mm512_setzero_ps();
+      for (int64_t j = 0; j < vecs; ++j) {
+        const __mmask16 m = j == vecs - 1 ? tail : __mmask16(0xFFFF);
+        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + g * dh + 16 * j), _mm512_maskz_loadu_ps(m, k + s * stride + 16 * j), acc);
+      }
+      pg[s] = _mm512_reduce_add_ps(acc) * scale;
+      top = std::max(top, pg[s]);
+    }
+    float total = 0.0f;
+    for (int64_t s = 0; s < s_dim; ++s) {
+      pg[s] = any && !allowed[s] ? 0.0f : any ? std::exp(pg[s] - top) : 1.0f;
+      total += pg[s];
+    }
+    const float inv = 1.0f / total;
+    for (int64_t s = 0; s < s_dim; ++s) pg[s] *= inv;
+  }
+  for (int64_t j0 = 0; j0 < vecs; j0 += 4) {  // 64 columns of v at a time, every query head of the group
+    const int nv = static_cast<int>(std::min<int64_t>(4, vecs - j0));
+    __m512 acc[kMaxGroup][4];
+    for (int64_t g = 0; g < group; ++g)
+      for (int j = 0; j < 4; ++j) acc[g][j] = _mm512_setzero_ps();
+    for (int64_t s = 0; s < s_dim; ++s) {
+      if (any && !allowed[s]) continue;
+      __m512 vv[4];
+      for (int j = 0; j < nv; ++j)
+        vv[j] = _mm512_maskz_loadu_ps(j0 + j == vecs - 1 ? tail : __mmask16(0xFFFF), v + s * stride + 16 * (j0 + j));
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 pg = _mm512_set1_ps(p[g * s_dim + s]);
+        for (int j = 0; j < nv; ++j) acc[g][j] = _mm512_fmadd_ps(pg, vv[j], acc[g][j]);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g)
+      for (int j = 0; j < nv; ++j)
+        _mm512_mask_storeu_ps(out + g * dh + 16 * (j0 + j), j0 + j == vecs - 1 ? tail : __mmask16(0xFFFF), acc[g][j]);
+  }
+}
+
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> allowed, ffi::Buffer<ffi::S32> layer,
+                           ffi::ResultBuffer<ffi::F32> out, float scale) {
+  const auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), ad = allowed.dimensions();
+  if (qd.size() != 3 || kd.size() != 5 || vd.size() != 5 || ad.size() != 2 || layer.element_count() != 1 ||
+      !std::equal(kd.begin(), kd.end(), vd.begin()) || kd[1] != qd[0] || kd[4] != qd[2] || ad[0] != qd[0] ||
+      ad[1] != kd[2] || qd[1] % kd[3] != 0 || qd[1] / kd[3] > kMaxGroup || out->dimensions().size() != 3 ||
+      !std::equal(qd.begin(), qd.end(), out->dimensions().begin()))
+    return ffi::Error::InvalidArgument(
+        "pf_decode_attention: expected q [B, H, Dh], k and v [L, B, S, KVH, Dh] with H / KVH <= 8, allowed [B, S], "
+        "a layer index, out [B, H, Dh]");
+  const int64_t b_dim = qd[0], h_dim = qd[1], dh = qd[2], l_dim = kd[0], s_dim = kd[2], kvh = kd[3];
+  const int64_t group = h_dim / kvh, l = layer.typed_data()[0];
+  if (l < 0 || l >= l_dim) return ffi::Error::InvalidArgument("pf_decode_attention: layer index out of range");
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data() + l * b_dim * s_dim * kvh * dh;
+  const float* vp = v.typed_data() + l * b_dim * s_dim * kvh * dh;
+  const bool* ap = allowed.typed_data();
+  float* op = out->typed_data();
+  ParallelFor(pool, b_dim * kvh, [=](int64_t c) {
+    const int64_t b = c / kvh, kv = c % kvh;
+    std::vector<float> p(group * s_dim);
+    const int64_t at = (b * s_dim * kvh + kv) * dh;  // [b, slot 0, kv]
+    AttendRow(qp + (b * h_dim + kv * group) * dh, kp + at, vp + at, ap + b * s_dim, op + (b * h_dim + kv * group) * dh,
+              s_dim, kvh, group, dh, scale, p.data());
+  });
+  return ffi::Error::Success();
+}
+
 // Both kernels: (XLA's intra-op pool, x, w) -> out, all float32; the head also takes the attribute "amx".
 auto MatmulBinding() {
   return ffi::Ffi::Bind()
@@ -734,6 +824,16 @@ auto MatmulBinding() {
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfSkinnyMatmulNT, SkinnyMatmulNT, MatmulBinding().Attr<bool>("amx"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfSkinnyMatmulNN, SkinnyMatmulNN, MatmulBinding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfPackedMatmulNN, PackedMatmulNN, MatmulBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PfDecodeAttention, DecodeAttention,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PfPackNN, PackNN,
                               ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().RemainingArgs().Ret<ffi::Buffer<ffi::F32>>());
 

@@ -49,6 +49,7 @@ TARGET = "pf_skinny_matmul_nt"  # x [M, K] . w [N, K]^T (the output head, w = th
 TARGET_NN = "pf_skinny_matmul_nn"  # x [M, K] . w [K, N] (the layers' projections, stored [in, out])
 TARGET_PACK = "pf_pack_nn"  # w [K, N] -> [N/16, K/2, 16, 2]: the projections' layout for the AMX path
 TARGET_PACKED = "pf_packed_matmul_nn"  # x [M, K] . w (packed) on AMX tiles
+TARGET_ATTENTION = "pf_decode_attention"  # one decode step's attention on the stacked KV cache (attention.py)
 MAX_ROWS = 64  # above this XLA's dot is as fast (the weight is reused enough to be compute bound)
 AMX_MIN_ROWS = 12  # the head's AMX path: 12-32 rows (one pass over w) and 48-64 (two); see amx_pays
 PACKED_ROWS = (12, 32)  # the projections' AMX path (matmul_packed): see packing_pays
@@ -130,6 +131,7 @@ def available() -> bool:
     jax.ffi.register_ffi_target(TARGET_NN, jax.ffi.pycapsule(lib.PfSkinnyMatmulNN), platform="cpu")
     jax.ffi.register_ffi_target(TARGET_PACK, jax.ffi.pycapsule(lib.PfPackNN), platform="cpu")
     jax.ffi.register_ffi_target(TARGET_PACKED, jax.ffi.pycapsule(lib.PfPackedMatmulNN), platform="cpu")
+    jax.ffi.register_ffi_target(TARGET_ATTENTION, jax.ffi.pycapsule(lib.PfDecodeAttention), platform="cpu")
     return True
 
 

@@ -19,6 +19,7 @@ from flax import nnx
 from jax import Array
 
 from pf_jax.kernels import matmul_nn, matmul_nt, matmul_packed, pack_nn
+from pf_jax.kernels.attention import decode_attention
 from pf_jax.models.config import ModelConfig, rope_inverse_frequencies
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.sharding.mesh import constrain
@@ -237,13 +238,20 @@ class Decoder(nnx.Module):
             if cfg.qk_norm:
                 q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
             q, k = apply_rope(q, positions, inv_freq_l), apply_rope(k, positions, inv_freq_l)
-            if k_all is not None:
+            allowed = causal & (distance < window)
+            if k_all is None:
+                a = attention(q, k, v, allowed, scale=cfg.attention_scale)
+            else:
                 k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer_index, 0, index, 0, 0))
                 v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer_index, 0, index, 0, 0))
-                k = jax.lax.dynamic_index_in_dim(k_all, layer_index, 0, keepdims=False).astype(self.dtype)
-                v = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
-            allowed = causal & (distance < window)
-            a = attention(q, k, v, allowed, scale=cfg.attention_scale)
+
+                def sliced_attention(q=q, k_all=k_all, v_all=v_all, allowed=allowed, layer_index=layer_index):
+                    k = jax.lax.dynamic_index_in_dim(k_all, layer_index, 0, keepdims=False).astype(self.dtype)
+                    v = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
+                    return attention(q, k, v, allowed, scale=cfg.attention_scale)
+
+                a = (decode_attention(q, k_all, v_all, allowed, layer_index, cfg.attention_scale, sliced_attention)
+                     if one_device else sliced_attention())
             if pk is None:
                 a = dense("bthk,hkd->btd", a, p["o"], in_dims=2)
             else:
