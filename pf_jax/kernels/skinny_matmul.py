@@ -4,7 +4,7 @@ At a decode step every weight multiplies B rows (B = rows being sampled, 1-64). 
 streams a weight at the machine's bandwidth for B = 1 but reaches only 80-125 GFLOP/s at B = 16 on the
 2-core benchmark machine (FMA peak ~220): the output head, [16, 640] x [262144, 640]^T over Gemma 3's
 671 MB embedding, takes 45 ms, the layers' projections ~40 ms, of a ~100 ms step. `skinny_matmul.cc`
-holds two AVX-512 XLA FFI kernels that stream each weight once with the rows' partial sums in registers:
+holds AVX-512 XLA FFI kernels that stream each weight once with the rows' partial sums in registers:
 - matmul_nt: x . w^T for w stored [N, K] (the head: the embedding), 37 ms for that head; for 12-32 and
   48-64 rows, on CPUs with AMX (Sapphire Rapids and later), on bf16 tiles with the float32 operands split
   exactly into three bf16 pieces each (eight of the nine piece products: float32's error), 1.1-1.4x the
@@ -15,13 +15,14 @@ holds two AVX-512 XLA FFI kernels that stream each weight once with the rows' pa
   weights into 16-column blocks that are each one contiguous stream (pf_jax.sampling.sampler.decode_packing;
   q | k | v and gate | up packed side by side, one product each): 0.55-0.9x matmul_nn's time per
   projection with the weights coming from memory, 1.10x the whole batch-16 sampler.
+The same library holds the decode-attention kernel (pf_jax.kernels.attention).
 
 They are compiled on first use with the system C++ compiler against the FFI headers that ship with
 jaxlib, cached under $PF_JAX_CACHE (default ~/.cache/pf_jax)/kernels, and registered for the CPU
-platform only. Both fall back to XLA's dot (same result up to float32 rounding) where a kernel does not
-apply: not on CPU, not float32, too few or too many rows, no AVX-512, no compiler (logged once), or
-PF_JAX_CPU_KERNELS=0; the AMX path is skipped where the CPU or the OS does not offer it, or with
-PF_JAX_AMX=0. The kernels have no sharding rule, so callers use them only for arrays on one
+platform only. matmul_nt and matmul_nn fall back to XLA's dot (same result up to float32 rounding) where
+a kernel does not apply: not on CPU, not float32, too few or too many rows, no AVX-512, no compiler (logged
+once), or PF_JAX_CPU_KERNELS=0; the AMX paths are skipped where the CPU or the OS does not offer them, or
+with PF_JAX_AMX=0 (packing_pays is then False, and the sampler keeps matmul_nn). The kernels have no sharding rule, so callers use them only for arrays on one
 device (the sampler: RowLayout.one_device)."""
 
 from __future__ import annotations
