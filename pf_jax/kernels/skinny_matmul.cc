@@ -627,10 +627,11 @@ __attribute__((target("avx512f"))) void PackColumns(const std::vector<PackSource
         const int64_t from = std::max(c0, src.offset), to = std::min(c0 + 16, src.offset + src.n);
         if (from >= to) continue;
         const __mmask16 mask = static_cast<__mmask16>(((1u << (to - from)) - 1) << (from - c0));
-        // lane l holds global column c0 + l, i.e. column c0 + l - offset of this source
-        const float* base = src.w + (c0 - src.offset);
-        if (r0 < k_dim) a = _mm512_mask_loadu_ps(a, mask, base + r0 * src.n);
-        if (r1 < k_dim) b = _mm512_mask_loadu_ps(b, mask, base + r1 * src.n);
+        // lanes from - c0 .. to - c0 take this source's columns from - offset .. to - offset, in order (an
+        // expand-load, so that no pointer before the source's first column is formed)
+        const float* first = src.w + (from - src.offset);
+        if (r0 < k_dim) a = _mm512_mask_expandloadu_ps(a, mask, first + r0 * src.n);
+        if (r1 < k_dim) b = _mm512_mask_expandloadu_ps(b, mask, first + r1 * src.n);
       }
       float* dst = out + (nb * kp2 + kp) * 32;
       _mm512_storeu_ps(dst, _mm512_permutex2var_ps(a, lo, b));
