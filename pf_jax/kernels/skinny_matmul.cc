@@ -430,6 +430,18 @@ PF_AMX void AmxPackedNN(const uint16_t* xa, int64_t m_dim, int64_t kc_n, const f
   }
   _tile_release();
 }
+
+// Runs pass(g0, mg, xs) for x's rows g0 .. g0 + mg - 1, in passes of up to kAmxPassRows rows shared evenly
+// (33 rows: 17 + 16, not 32 + 1), each streaming w once; xs: 64-byte aligned room for one pass's three bf16
+// pieces of x, reused by every pass.
+template <typename Pass>
+void AmxPasses(int64_t m_dim, int64_t k_dim, Pass pass) {
+  const int64_t kc_n = (k_dim + 31) / 32;
+  std::vector<uint16_t> storage(3 * kc_n * (kAmxPassRows / 16) * 512 + 32);
+  uint16_t* xs = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t{63});
+  const int64_t passes = (m_dim + kAmxPassRows - 1) / kAmxPassRows, pass_rows = (m_dim + passes - 1) / passes;
+  for (int64_t g0 = 0; g0 < m_dim; g0 += pass_rows) pass(g0, std::min(pass_rows, m_dim - g0), xs);
+}
 #endif  // PF_HAVE_AMX
 
 // use_amx: take the AMX path if AMX is enabled. For which row counts it pays is the caller's choice
@@ -455,15 +467,8 @@ ffi::Error SkinnyMatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
 #if PF_HAVE_AMX
   if (use_amx && g_amx.load(std::memory_order_relaxed)) {
     g_amx_calls.fetch_add(1, std::memory_order_relaxed);
-    const int64_t kc_n = (k_dim + 31) / 32;
-    std::vector<uint16_t> xt_storage(3 * kc_n * (kAmxPassRows / 16) * 512 + 32);
-    uint16_t* xt =
-        reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(xt_storage.data()) + 63) & ~uintptr_t{63});
     rows = (rows + 15) / 16 * 16;  // whole 16-row blocks per chunk
-    // one pass over w per up to kAmxPassRows rows of x, the rows shared evenly (33 rows: 17 + 16, not 32 + 1)
-    const int64_t passes = (m_dim + kAmxPassRows - 1) / kAmxPassRows, pass_rows = (m_dim + passes - 1) / passes;
-    for (int64_t g0 = 0; g0 < m_dim; g0 += pass_rows) {
-      const int64_t mg = std::min(pass_rows, m_dim - g0);
+    AmxPasses(m_dim, k_dim, [&](int64_t g0, int64_t mg, uint16_t* xt) {
       FormatXNT(xp + g0 * k_dim, mg, k_dim, xt);
       float* og = op + g0 * n_dim;
       ParallelFor(pool, (n_dim + rows - 1) / rows, [=](int64_t c) {
@@ -473,7 +478,7 @@ ffi::Error SkinnyMatmulNT(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
         else
           AmxRowsNT<2>(xt, mg, wp, k_dim, og, n_dim, b, e);
       });
-    }
+    });
     return ffi::Error::Success();
   }
 #else
@@ -615,10 +620,10 @@ __attribute__((target("avx512f"))) void PackColumns(const std::vector<PackSource
   alignas(64) static constexpr int32_t lo_ix[16] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23};
   alignas(64) static constexpr int32_t hi_ix[16] = {8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i lo = _mm512_loadu_si512(lo_ix), hi = _mm512_loadu_si512(hi_ix);
+  size_t first = 0;  // the first source that reaches this chunk's columns
+  while (first < sources.size() && sources[first].offset + sources[first].n <= nb0 * 16) ++first;
   for (int64_t kp = 0; kp < kp2; ++kp) {
     const int64_t r0 = 2 * kp, r1 = r0 + 1;
-    size_t first = 0;  // the first source that reaches this chunk's columns
-    while (first < sources.size() && sources[first].offset + sources[first].n <= nb0 * 16) ++first;
     for (int64_t nb = nb0; nb < nb1; ++nb) {
       const int64_t c0 = nb * 16;
       __m512 a = _mm512_setzero_ps(), b = a;
@@ -699,13 +704,10 @@ ffi::Error PackedMatmulNN(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
   const float* wp = w.typed_data();
   float* op = out->typed_data();
   const int64_t kc_n = (k_dim + 31) / 32, blocks = wd[0];
-  std::vector<uint16_t> xa_storage(3 * kc_n * (kAmxPassRows / 16) * 512 + 32);
-  uint16_t* xa = reinterpret_cast<uint16_t*>((reinterpret_cast<uintptr_t>(xa_storage.data()) + 63) & ~uintptr_t{63});
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t per_chunk = std::max<int64_t>(1, (blocks + 4 * threads - 1) / (4 * threads));
-  const int64_t passes = (m_dim + kAmxPassRows - 1) / kAmxPassRows, pass_rows = (m_dim + passes - 1) / passes;
-  for (int64_t g0 = 0; g0 < m_dim; g0 += pass_rows) {
-    const int64_t mg = std::min(pass_rows, m_dim - g0), mb = (mg + 15) / 16;
+  AmxPasses(m_dim, k_dim, [&](int64_t g0, int64_t mg, uint16_t* xa) {
+    const int64_t mb = (mg + 15) / 16;
     FormatXNN(xp + g0 * k_dim, mg, k_dim, mb, xa);
     float* og = op + g0 * n_dim;
     ParallelFor(pool, (blocks + per_chunk - 1) / per_chunk, [=](int64_t c) {
@@ -715,7 +717,7 @@ ffi::Error PackedMatmulNN(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Bu
       else
         AmxPackedNN<2>(xa, mg, kc_n, wp, og, n_dim, b, e);
     });
-  }
+  });
   return ffi::Error::Success();
 #else
   (void)pool;

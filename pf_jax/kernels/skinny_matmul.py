@@ -22,8 +22,8 @@ jaxlib, cached under $PF_JAX_CACHE (default ~/.cache/pf_jax)/kernels, and regist
 platform only. matmul_nt and matmul_nn fall back to XLA's dot (same result up to float32 rounding) where
 a kernel does not apply: not on CPU, not float32, too few or too many rows, no AVX-512, no compiler (logged
 once), or PF_JAX_CPU_KERNELS=0; the AMX paths are skipped where the CPU or the OS does not offer them, or
-with PF_JAX_AMX=0 (packing_pays is then False, and the sampler keeps matmul_nn). The kernels have no sharding rule, so callers use them only for arrays on one
-device (the sampler: RowLayout.one_device)."""
+with PF_JAX_AMX=0 (packing_pays is then False, and the sampler keeps matmul_nn). The kernels have no
+sharding rule, so callers use them only for arrays on one device (the sampler: RowLayout.one_device)."""
 
 from __future__ import annotations
 
@@ -182,7 +182,6 @@ def matmul_nn(x: Array, w: Array, in_dims: int = 1) -> Array:
         return out.reshape(*lead, *out_dims)
 
     return jax.lax.platform_dependent(x, w, cpu=kernel, default=dot)
-
 
 
 def packing_pays(rows: int) -> bool:
