@@ -33,9 +33,10 @@ from pf_jax.kernels.skinny_matmul import (
     packing_pays,
 )
 from pf_jax.models.config import ModelConfig
-from pf_jax.models.decoder import Decoder, attention
+from pf_jax.models.decoder import Decoder
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.models.logprobs import sequence_logprobs
+from pf_jax.models.ops import CpuDecodeOps, attention, pack_projections
 from pf_jax.sampling import GenerationConfig, generate, sampler
 from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.sampler import decode_packing
@@ -185,21 +186,21 @@ def test_decoder_decode_step_with_the_kernels_equals_without(architecture):
     positions = jnp.broadcast_to(jnp.arange(5), (3, 5))
     _, cache = model(prompt, positions, None, KVCache.init(model.cfg, 3, 8, model.dtype))
     token, position = prompt[:, -1:], jnp.full((3, 1), 5)
-    step = lambda one_device: model(token, position, None, cache, one_device=one_device)
-    assert uses_kernel(lambda c: model(token, position, None, c, one_device=True)[0], cache, target=TARGET_NN)
-    assert uses_kernel(lambda c: model(token, position, None, c, one_device=True)[0], cache, target=TARGET_ATTENTION)
-    (h_fast, cache_fast), (h_ref, cache_ref) = step(True), step(False)
+    step = lambda ops=None: model(token, position, None, cache, ops=ops)
+    assert uses_kernel(lambda c: model(token, position, None, c, ops=CpuDecodeOps())[0], cache, target=TARGET_NN)
+    assert uses_kernel(lambda c: model(token, position, None, c, ops=CpuDecodeOps())[0], cache, target=TARGET_ATTENTION)
+    (h_fast, cache_fast), (h_ref, cache_ref) = step(CpuDecodeOps()), step()
     np.testing.assert_allclose(h_fast, h_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache_fast.k, cache_ref.k, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
-def test_decoder_logits_take_the_kernel_only_on_one_device():
+def test_decoder_logits_take_the_kernel_only_with_the_cpu_decode_ops():
     model = Decoder(ModelConfig.tiny("gemma3"), rngs=nnx.Rngs(0))
     hidden = jax.random.normal(jax.random.key(4), (3, 1, model.cfg.hidden_size))
-    assert uses_kernel(lambda h: model.logits(h, one_device=True), hidden)
+    assert uses_kernel(lambda h: model.logits(h, ops=CpuDecodeOps()), hidden)
     assert not uses_kernel(model.logits, hidden)
-    np.testing.assert_allclose(model.logits(hidden, one_device=True), model.logits(hidden), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(model.logits(hidden, ops=CpuDecodeOps()), model.logits(hidden), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not amx_available(), reason="the CPU or the OS offers no AMX tiles")
@@ -209,7 +210,7 @@ def test_decoder_log_probs_on_the_amx_head_equal_xla():
     model = Decoder(ModelConfig.tiny("gemma3"), rngs=nnx.Rngs(0))
     hidden = jax.random.normal(jax.random.key(4), (16, 1, model.cfg.hidden_size))
     before = amx_calls()
-    fast = jax.nn.log_softmax(jax.jit(lambda h: model.logits(h, one_device=True))(hidden))
+    fast = jax.nn.log_softmax(jax.jit(lambda h: model.logits(h, ops=CpuDecodeOps()))(hidden))
     assert amx_calls() == before + 1
     np.testing.assert_allclose(fast, jax.nn.log_softmax(model.logits(hidden)), rtol=1e-6, atol=1e-5)
 
@@ -277,16 +278,16 @@ def test_decoder_decode_step_on_packed_projections_equals_without(architecture):
     positions = jnp.broadcast_to(jnp.arange(5), (16, 5))
     _, cache = model(prompt, positions, None, KVCache.init(model.cfg, 16, 8, model.dtype))
     token, position = prompt[:, -1:], jnp.full((16, 1), 5)
-    packed = jax.jit(model.packed_projections)()
+    packed = jax.jit(lambda: pack_projections(model))()
     before = amx_calls()
-    h_fast, cache_fast = jax.block_until_ready(model(token, position, None, cache, one_device=True, packed=packed))
+    h_fast, cache_fast = jax.block_until_ready(model(token, position, None, cache, ops=CpuDecodeOps(packed=packed)))
     assert amx_calls() == before + 4 * model.cfg.num_layers
     h_ref, cache_ref = model(token, position, None, cache)
     np.testing.assert_allclose(h_fast, h_ref, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache_fast.k, cache_ref.k, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(cache_fast.v, cache_ref.v, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="unrolled"):
-        Decoder(ModelConfig.tiny(architecture), rngs=nnx.Rngs(0)).packed_projections()
+        pack_projections(Decoder(ModelConfig.tiny(architecture), rngs=nnx.Rngs(0)))
 
 
 @needs_amx

@@ -46,6 +46,7 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None
     tie_embeddings: bool = False
     final_logit_softcap: float | None = None
+    attn_logit_softcap: float | None = None  # attention logits c tanh(z / c) (HF attn_logit_softcapping)
     max_position_embeddings: int = 8192
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -160,6 +161,7 @@ class ModelConfig:
                 rope_local_theta=float(local_rope["rope_theta"]),
                 query_pre_attn_scalar=float(hf_config.get("query_pre_attn_scalar", 256)),
                 final_logit_softcap=hf_config.get("final_logit_softcapping"),
+                attn_logit_softcap=hf_config.get("attn_logit_softcapping"),
             )
         return cls(**kwargs)
 
@@ -197,6 +199,7 @@ class ModelConfig:
                 hidden_activation=act,
                 query_pre_attn_scalar=_int_if_integral(self.query_pre_attn_scalar),
                 final_logit_softcapping=self.final_logit_softcap,
+                attn_logit_softcapping=self.attn_logit_softcap,
                 rope_parameters={
                     "full_attention": full_rope,
                     "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta},

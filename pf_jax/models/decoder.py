@@ -18,16 +18,15 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
-from pf_jax.kernels import matmul_nn, matmul_nt, matmul_packed, pack_nn
-from pf_jax.kernels.attention import decode_attention
 from pf_jax.models.config import ModelConfig, rope_inverse_frequencies
 from pf_jax.models.kv_cache import KVCache
+from pf_jax.models.ops import AttentionMask, XlaOps
 from pf_jax.sharding.mesh import constrain
 
 EMBED_LAYOUT = ("batch", "length", "embed")  # activations [B, T, D]; pinned only under activation_sharding
 MLP_LAYOUT = ("batch", "length", "mlp")  # MLP hidden [B, T, F]
 
-NO_WINDOW = 2**30  # window of a full-attention layer: larger than any sequence
+NO_WINDOW = XlaOps().no_window  # window of a full-attention layer: larger than any sequence
 
 
 def rms_norm(x: Array, weight: Array, *, eps: float, offset: float) -> Array:
@@ -53,22 +52,6 @@ def apply_rope(x: Array, positions: Array, inv_freq: Array) -> Array:
     x32 = x.astype(jnp.float32)
     x1, x2 = jnp.split(x32, 2, axis=-1)
     return (x32 * cos + jnp.concatenate([-x2, x1], -1) * sin).astype(x.dtype)
-
-
-def attention(q: Array, k: Array, v: Array, allowed: Array, *, scale: float) -> Array:
-    """Grouped-query attention: out = softmax(scale * q k^T, masked) v (Vaswani et al. 2017; GQA,
-    Ainslie et al. 2023).
-
-    q: [B, T, H, Dh]; k, v: [B, S, KVH, Dh]; allowed: bool [B, T, S]. Logits and softmax in float32.
-    A query with no allowed key (a padding query) gets a uniform average instead of NaN.
-    """
-    b, t, h, dh = q.shape
-    kvh = k.shape[2]
-    q = q.reshape(b, t, kvh, h // kvh, dh)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k, preferred_element_type=jnp.float32) * scale
-    logits = jnp.where(allowed[:, None, None], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(b, t, h, dh)
 
 
 def _param(value: Array, names: tuple[str, ...]) -> nnx.Param:
@@ -115,12 +98,15 @@ class Decoder(nnx.Module):
     """Token embedding -> L scanned blocks -> final norm. `dtype` is the compute dtype, `param_dtype`
     the storage dtype; norms, attention softmax and RoPE run in float32. `remat` recomputes each block's
     activations in the backward pass (saves memory when training). `scan_layers`: see the module doc;
-    `self.layers` is one DecoderLayers of depth L, or an nnx.List of L DecoderLayers of depth 1."""
+    `self.layers` is one DecoderLayers of depth L, or an nnx.List of L DecoderLayers of depth 1. `ops`: how
+    the projections, attention and head are computed (pf_jax.models.ops; default the portable einsums)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32,
-                 param_dtype: jnp.dtype = jnp.float32, remat: bool = False, scan_layers: bool = True):
+                 param_dtype: jnp.dtype = jnp.float32, remat: bool = False, scan_layers: bool = True,
+                 ops: XlaOps | None = None):
         self.cfg, self.dtype, self.param_dtype, self.remat = cfg, dtype, param_dtype, remat
         self.scan_layers = scan_layers
+        self.ops = ops or XlaOps()  # the program's implementation (pf_jax.models.ops.select_ops); static
         V, D = cfg.vocab_size, cfg.hidden_size
         normal = lambda *shape: (0.02 * jax.random.normal(rngs.params(), shape)).astype(param_dtype)
         self.embed = _param(normal(V, D), ("vocab", "embed"))
@@ -144,128 +130,65 @@ class Decoder(nnx.Module):
         """[V, D] output projection (the embedding when tied); contract over D, never transpose."""
         return self.embed[...] if self.cfg.tie_embeddings else self.lm_head_weight[...]
 
-    def packed_projections(self) -> tuple[dict[str, Array], ...]:
-        """Per layer, the projection weights in the layout of pf_jax.kernels.matmul_packed (its AMX path
-        on CPU): "qkv" (q, k and v side by side: one product), "o", "gate_up" (gate and up side by side)
-        and "down". For a decode loop on CPU: pack once before the loop, pass to every step (`packed`).
-        A copy of the layers' projection weights. Unrolled layers only (scan_layers=False)."""
-        if self.scan_layers:
-            raise ValueError("packed_projections needs unrolled layers (with_layer_layout(model, scan_layers=False))")
-        packed = []
-        for layer in self.layers:
-            p = {name: w[0].astype(self.dtype) for name, w in layer.arrays().items()}
-            d = self.cfg.hidden_size
-            packed.append({
-                "qkv": pack_nn(*(p[n].reshape(d, -1) for n in ("q", "k", "v"))),
-                "o": pack_nn(p["o"].reshape(-1, d)),
-                "gate_up": pack_nn(p["gate"], p["up"]),
-                "down": pack_nn(p["down"]),
-            })
-        return tuple(packed)
-
-    def logits(self, hidden: Array, *, one_device: bool = False) -> Array:
+    def logits(self, hidden: Array, *, ops: XlaOps | None = None) -> Array:
         """[B, T, V] float32 logits, soft-capped (c tanh(z / c)) where configured. Small vocab / last step only.
-
-        one_device: the arrays are on one device, so the head may take pf_jax.kernels.matmul_nt (faster on
-        CPU for a few rows: decode steps)."""
-        head = self.lm_head().astype(hidden.dtype)
-        if one_device:
-            z = matmul_nt(hidden, head)
-        else:
-            z = jnp.einsum("btd,vd->btv", hidden, head, preferred_element_type=jnp.float32)
+        ops: this call's implementation (default: the model's)."""
+        z = (ops or self.ops).head(hidden, self.lm_head().astype(hidden.dtype))
         cap = self.cfg.final_logit_softcap
         return z if cap is None else jnp.tanh(z / cap) * cap
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, *, one_device: bool = False,
-                 packed: tuple[dict[str, Array], ...] | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, *, ops: XlaOps | None = None) -> tuple[Array, KVCache | None]:
         """tokens, positions: int [B, T]; attention_mask: bool [B, T] (False = padding).
 
         Without a cache, token t attends to tokens s <= t that are not padding. With a cache, the T new
         tokens are written at slots [index, index + T) and attend to all valid slots up to their own.
         Sliding layers additionally require position(q) - position(k) < sliding_window.
-        one_device: the arrays are on one device, so the projections may take pf_jax.kernels.matmul_nn
-        (faster on CPU for a few rows: decode steps).
-        packed: the layers' projections from `packed_projections()` (weights on one CPU device, unrolled
-        layers): they take pf_jax.kernels.matmul_packed instead; same result up to float32 rounding.
+        ops: this call's implementation (default: the model's, `self.ops`), e.g. the sampler's CPU decode
+        kernels with the projections packed once (pf_jax.models.ops.CpuDecodeOps).
         Returns the final-normed hidden states [B, T, D] and the updated cache (or None).
         """
-        cfg = self.cfg
+        cfg, ops = self.cfg, ops or self.ops
         b, t = tokens.shape
-        mask = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
         positions = positions.astype(jnp.int32)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         x = constrain(x, EMBED_LAYOUT)
-
-        if cache is None:
-            index, k_valid, k_positions = 0, mask, positions
-            kv_slots = jnp.arange(t)
-        else:
-            index = cache.index
-            k_valid = jax.lax.dynamic_update_slice(cache.valid, mask, (0, index))
-            k_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
-            kv_slots = jnp.arange(cache.max_len)
-        q_slots = index + jnp.arange(t)
-        causal = k_valid[:, None, :] & (kv_slots[None, None, :] <= q_slots[None, :, None])  # [B, T, S]
-        distance = positions[:, :, None] - k_positions[:, None, :]  # [B, T, S]
-
+        mask, index, k_valid, k_positions = self._attention_mask(valid, positions, cache)
         inv_freq = np.array([rope_inverse_frequencies(cfg, sliding=s) for s in cfg.is_sliding], np.float32)
         windows = np.array([cfg.sliding_window if s else NO_WINDOW for s in cfg.is_sliding], np.int32)
-
-        def dense(spec: str, x: Array, w: Array, in_dims: int = 1) -> Array:
-            return matmul_nn(x, w, in_dims) if one_device else jnp.einsum(spec, x, w)
+        fresh = cache is not None and cache.fresh
+        scale, softcap = cfg.attention_scale, cfg.attn_logit_softcap
 
         def block(carry, layer):
             x, k_all, v_all = carry
-            p, inv_freq_l, window, layer_index, pk = layer
+            p, inv_freq_l, window, layer_index = layer
             p = {name: w.astype(self.dtype) for name, w in p.items()}
             norm = lambda y, w: rms_norm(y, w, eps=cfg.rms_norm_eps, offset=cfg.norm_weight_offset)
 
             h = constrain(norm(x, p["attn_norm"]), EMBED_LAYOUT)
-            if pk is None:
-                q = dense("btd,dhk->bthk", h, p["q"])
-                k = dense("btd,dhk->bthk", h, p["k"])
-                v = dense("btd,dhk->bthk", h, p["v"])
-            else:
-                widths = [math.prod(p[n].shape[1:]) for n in ("q", "k", "v")]
-                qkv = matmul_packed(h, pk["qkv"], sum(widths))
-                q, k, v = (part.reshape(b, t, *p[n].shape[1:]) for part, n in
-                           zip(jnp.split(qkv, np.cumsum(widths)[:-1], axis=-1), ("q", "k", "v")))
+            q, k, v = ops.qkv(h, p, layer_index)
             if cfg.attention_bias:
                 q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
             if cfg.qk_norm:
                 q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
             q, k = apply_rope(q, positions, inv_freq_l), apply_rope(k, positions, inv_freq_l)
-            allowed = causal & (distance < window)
             if k_all is None:
-                a = attention(q, k, v, allowed, scale=cfg.attention_scale)
+                a = ops.self_attention(q, k, v, mask, window, scale=scale, softcap=softcap)
             else:
                 k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer_index, 0, index, 0, 0))
                 v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer_index, 0, index, 0, 0))
-
-                def sliced_attention(q=q, k_all=k_all, v_all=v_all, allowed=allowed, layer_index=layer_index):
-                    k = jax.lax.dynamic_index_in_dim(k_all, layer_index, 0, keepdims=False).astype(self.dtype)
-                    v = jax.lax.dynamic_index_in_dim(v_all, layer_index, 0, keepdims=False).astype(self.dtype)
-                    return attention(q, k, v, allowed, scale=cfg.attention_scale)
-
-                a = (decode_attention(q, k_all, v_all, allowed, layer_index, cfg.attention_scale, sliced_attention)
-                     if one_device else sliced_attention())
-            if pk is None:
-                a = dense("bthk,hkd->btd", a, p["o"], in_dims=2)
-            else:
-                a = matmul_packed(a.reshape(b, t, -1), pk["o"], cfg.hidden_size)
+                a = ops.cached_attention(q, k, v, k_all, v_all, layer_index, mask, window, fresh=fresh, scale=scale,
+                                         softcap=softcap)
+            a = ops.out(a, p, layer_index)
             x = x + (norm(a, p["post_attn_norm"]) if cfg.sandwich_norm else a)
 
             h = constrain(norm(x, p["mlp_norm"]), EMBED_LAYOUT)
-            if pk is None:
-                gate, up = dense("btd,df->btf", h, p["gate"]), dense("btd,df->btf", h, p["up"])
-            else:
-                gate, up = jnp.split(matmul_packed(h, pk["gate_up"], 2 * cfg.intermediate_size), 2, axis=-1)
+            gate, up = ops.gate_up(h, p, layer_index)
             gate = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-            hidden = constrain(gate * up, MLP_LAYOUT)
-            m = dense("btf,fd->btd", hidden, p["down"]) if pk is None else matmul_packed(hidden, pk["down"], cfg.hidden_size)
+            m = ops.down(constrain(gate * up, MLP_LAYOUT), p, layer_index)
             x = x + (norm(m, p["post_mlp_norm"]) if cfg.sandwich_norm else m)
             return (x, k_all, v_all), None
 
@@ -273,14 +196,12 @@ class Decoder(nnx.Module):
             block = jax.checkpoint(block)
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         if self.scan_layers:
-            if packed is not None:
-                raise ValueError("packed projections need unrolled layers")
-            xs = (self.layers.arrays(), inv_freq, windows, np.arange(cfg.num_layers, dtype=np.int32), None)
+            xs = (self.layers.arrays(), inv_freq, windows, np.arange(cfg.num_layers, dtype=np.int32))
             carry, _ = jax.lax.scan(block, carry, xs)
         else:
             for i, layer in enumerate(self.layers):
                 params = {name: w[0] for name, w in layer.arrays().items()}
-                carry, _ = block(carry, (params, inv_freq[i], windows[i], i, None if packed is None else packed[i]))
+                carry, _ = block(carry, (params, inv_freq[i], windows[i], i))
         x, k_all, v_all = carry
         x = rms_norm(x, self.final_norm[...], eps=cfg.rms_norm_eps, offset=cfg.norm_weight_offset)
         x = constrain(x, EMBED_LAYOUT)
@@ -288,13 +209,31 @@ class Decoder(nnx.Module):
             return x, None
         return x, KVCache(k=k_all, v=v_all, valid=k_valid, positions=k_positions, index=index + t)
 
+    def _attention_mask(self, valid: Array, positions: Array, cache: KVCache | None
+                        ) -> tuple[AttentionMask, Array | int, Array, Array]:
+        """(the pass's AttentionMask, the first slot its tokens take (0 without a cache), the keys' valid
+        flags and positions [B, S] after writing the new tokens)."""
+        t = valid.shape[1]
+        if cache is None:
+            index, k_valid, k_positions, kv_slots = 0, valid, positions, jnp.arange(t)
+        else:
+            index = cache.index
+            k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
+            k_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
+            kv_slots = jnp.arange(cache.max_len)
+        q_slots = index + jnp.arange(t)
+        causal = k_valid[:, None, :] & (kv_slots[None, None, :] <= q_slots[None, :, None])  # [B, T, S]
+        distance = positions[:, :, None] - k_positions[:, None, :]  # [B, T, S]
+        windows = tuple(sorted({self.cfg.sliding_window if s else NO_WINDOW for s in self.cfg.is_sliding}))
+        return AttentionMask(causal, distance, valid.astype(jnp.int32), windows), index, k_valid, k_positions
+
 
 def with_layer_layout(model: Decoder, *, scan_layers: bool) -> Decoder:
-    """The same model (same parameter values, dtypes, remat) with stacked (scan) or per-layer (unrolled)
+    """The same model (same parameter values, dtypes, remat, ops) with stacked (scan) or per-layer (unrolled)
     layer storage; e.g. train scanned, then decode unrolled on CPU."""
     new = nnx.eval_shape(lambda: Decoder(model.cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
                                          param_dtype=model.param_dtype, remat=model.remat,
-                                         scan_layers=scan_layers))
+                                         scan_layers=scan_layers, ops=model.ops))
     new.embed.set_value(model.embed[...])
     new.final_norm.set_value(model.final_norm[...])
     if not model.cfg.tie_embeddings:

@@ -15,6 +15,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 
 from pf_jax.models.decoder import Decoder
@@ -22,6 +23,7 @@ from pf_jax.models.embedded import EMBEDDED_MODELS, embedded_gguf_path, embedded
 from pf_jax.models.errors import WeightsFileError
 from pf_jax.models.gguf_io import load_gguf, load_gguf_cached
 from pf_jax.models.gguf_tokenizer import load_gguf_tokenizer
+from pf_jax.models.ops import select_ops
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -39,7 +41,12 @@ def load_model(spec: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
     dtype: compute dtype; param_dtype: storage dtype; scan_layers: stacked, scanned layers (False: one
     parameter set per layer, unrolled; see Decoder).
     """
-    kw = dict(dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    model, tokenizer = _load(spec, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    model.ops = select_ops(jax.default_backend())  # splash attention on TPU, cuDNN on GPU, einsums on CPU
+    return model, tokenizer
+
+
+def _load(spec: str, **kw: Any) -> tuple[Decoder, Any]:
     if spec in EMBEDDED_MODELS:
         path, sha256 = embedded_gguf_path(spec), embedded_sha256(spec)
         tokenizer = load_gguf_tokenizer(path, sha256=sha256)

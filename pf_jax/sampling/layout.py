@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from pf_jax.models.ops import XlaOps, select_ops
 from pf_jax.sampling.result import SampleResult
 from pf_jax.sharding.mesh import DEFAULT_RULES, kv_cache_shardings
 
@@ -62,6 +63,11 @@ class RowLayout:
         placed = [leaf.sharding.device_set for leaf in leaves if hasattr(leaf, "sharding")]
         one_device = all(len(devices) == 1 for devices in placed)
         return cls(one_device=one_device, cpu=one_device and all(d.platform == "cpu" for ds in placed for d in ds))
+
+    def decode_ops(self, default: XlaOps, packed: tuple[dict[str, jax.Array], ...] | None = None) -> XlaOps:
+        """The decode steps' implementation: the CPU decode kernels where every weight is on one CPU device
+        (with the projections packed for them when given), else `default` (the model's)."""
+        return select_ops("cpu", one_device=True, packed=packed) if self.cpu else default
 
     @property
     def shards(self) -> int:

@@ -77,13 +77,13 @@ def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache:
     packed: the model's projections packed for the decode steps (pf_jax.sampling.sampler.decode_packing).
     """
     ends = jnp.asarray(tuple(end_token_ids), jnp.int32)
-    one_device = layout is not None and layout.one_device
+    ops = model.ops if layout is None else layout.decode_ops(model.ops.on_mesh(layout.mesh), packed)
 
     def propose(key: Array, state: ChainState, start: Array, end: Array) -> ChainState:
         batch, max_len = state.tokens.shape
 
         def emit(t: Array, hidden: Array, carry: dict[str, Array]) -> dict[str, Array]:
-            logits = model.logits(hidden[:, None], one_device=one_device)[:, 0]
+            logits = model.logits(hidden[:, None], ops=ops)[:, 0]
             drawn, logp_drawn, logq_drawn = sample_next_token(jax.random.fold_in(key, t), logits, proposal,
                                                                 rowwise=None if layout is None else layout.rowwise)
             column = lambda x: jax.lax.dynamic_index_in_dim(x, t, axis=1, keepdims=False)
@@ -104,8 +104,7 @@ def kv_cache_suffix_proposer(model: Decoder, prompt_hidden: Array, prompt_cache:
             t = carry["t"]
             previous = jax.lax.dynamic_index_in_dim(carry["tokens"], t - 1, axis=1, keepdims=True)  # [N, 1]
             # A row that has ended keeps decoding its pad token (static shapes); emit masks it out.
-            hidden, cache = model(previous, (prompt_lengths + t - 1)[:, None], None, carry["cache"], one_device=one_device,
-                                  packed=packed)
+            hidden, cache = model(previous, (prompt_lengths + t - 1)[:, None], None, carry["cache"], ops=ops)
             return emit(t, hidden[:, 0], dict(carry, cache=cache))
 
         carry = dict(t=jnp.zeros((), jnp.int32), cache=prompt_cache,

@@ -23,6 +23,7 @@ from pf_jax.kernels import packing_pays
 from pf_jax.models.decoder import Decoder, with_layer_layout
 from pf_jax.models.kv_cache import KVCache
 from pf_jax.models.logprobs import positions_from_mask
+from pf_jax.models.ops import pack_projections
 from pf_jax.sampling.filters import SamplingParams, sample_next_token
 from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.prompts import bucket_length, left_pad
@@ -100,7 +101,7 @@ _packings: list[tuple[object, tuple[weakref.ref, ...], tuple[dict[str, Array], .
 
 
 def decode_packing(model: Decoder, layout: RowLayout, rows: int) -> tuple[dict[str, Array], ...] | None:
-    """The decode loop's projection weights packed for the AMX path on CPU (model.packed_projections), or
+    """The decode loop's projection weights packed for the AMX path on CPU (pf_jax.models.ops.pack_projections), or
     None where that path is not taken: weights not on one CPU device, stacked layers, not float32, a row
     count outside pf_jax.kernels.packing_pays, no AMX.
 
@@ -128,7 +129,7 @@ def _drop_packing(token: object) -> None:
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _pack(graphdef: nnx.GraphDef, state: nnx.State) -> tuple[dict[str, Array], ...]:
-    return nnx.merge(graphdef, state).packed_projections()
+    return pack_projections(nnx.merge(graphdef, state))
 
 
 def prepare_prompts(model: Decoder, prompts: Sequence[Sequence[int]], config: GenerationConfig, n: int
@@ -159,7 +160,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array
     by `layout`."""
     model = nnx.merge(graphdef, state)
     cache = KVCache.init(model.cfg, tokens.shape[0], cache_len, model.dtype)
-    hidden, cache = model(tokens, positions_from_mask(mask), mask, cache)
+    hidden, cache = model(tokens, positions_from_mask(mask), mask, cache, ops=model.ops.on_mesh(layout.mesh))
     cache = layout.constrain_cache(cache.repeat_rows(n))
     return layout.constrain_rows(jnp.repeat(hidden[:, -1], n, axis=0)), cache
 
@@ -172,10 +173,12 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
 
     hidden: [N, D] state after the last prompt token; prompt_lengths: int32 [N] real prompt tokens (the
     RoPE position of response token j is prompt_length + j); packed: the projections for
-    pf_jax.kernels.matmul_packed (decode_packing), or None. Returns SampleResult's response fields and
+    pf_jax.kernels.matmul_packed (decode_packing), or None; the steps' implementation is
+    `layout.decode_ops(model, packed)`. Returns SampleResult's response fields and
     the final cache (returned so that the donated input cache is updated in place, not copied).
     """
     model = nnx.merge(graphdef, state)
+    ops = layout.decode_ops(model.ops.on_mesh(layout.mesh), packed)
     batch, steps, pad = hidden.shape[0], config.max_new_tokens, config.pad_token_id
     eos, stop = jnp.asarray(config.eos_token_ids, jnp.int32), jnp.asarray(config.stop_token_ids, jnp.int32)
     ends = tuple(sorted(set(config.eos_token_ids + config.stop_token_ids)))  # distinct: see sample_next_token
@@ -186,7 +189,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
             ids = jnp.where(i < config.min_new_tokens, jnp.asarray(ends, jnp.int32), model.cfg.vocab_size)
             excluded = jnp.broadcast_to(ids, (batch, len(ends)))
         token, policy_logp, sample_logp = sample_next_token(
-            jax.random.fold_in(key, i), model.logits(hidden[:, None], one_device=layout.one_device)[:, 0], config.sampling, excluded,
+            jax.random.fold_in(key, i), model.logits(hidden[:, None], ops=ops)[:, 0], config.sampling, excluded,
             rowwise=layout.rowwise)
         active = ~carry["done"]
         is_eos, is_stop = jnp.isin(token, eos), jnp.isin(token, stop)
@@ -211,8 +214,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         i = carry["i"]
         previous = jax.lax.dynamic_index_in_dim(carry["tokens"], i - 1, axis=1, keepdims=True)  # [N, 1]
         # A finished row keeps decoding its pad token (static shapes); its outputs are masked in emit.
-        h, cache = model(previous, (prompt_lengths + i - 1)[:, None], None, carry["cache"],
-                         one_device=layout.one_device, packed=packed)
+        h, cache = model(previous, (prompt_lengths + i - 1)[:, None], None, carry["cache"], ops=ops)
         return emit(i, h[:, 0], dict(carry, cache=layout.constrain_cache(cache)))
 
     carry = dict(

@@ -291,6 +291,11 @@ def activation_sharding(mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Iterator[No
         _ACTIVATION_LAYOUT.reset(token)
 
 
+def activation_layout() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `activation_sharding` while tracing, else None (one device)."""
+    return _ACTIVATION_LAYOUT.get()
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     """Pin an activation's layout by logical axis names, e.g. constrain(h, ("batch", "length", "embed")).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -13,6 +14,7 @@ from pf_jax.data.maze_codec import maze_vocabulary, maze_word_codec
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.hf_io import load_hf_directory
+from pf_jax.models.ops import select_ops
 from pf_jax.training.recipe import ModelSection
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
@@ -89,7 +91,7 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
     if name == "tiny":
         config, codec = tiny_model_config(cfg)
         model = Decoder(config, rngs=nnx.Rngs(cfg.tiny.init_seed), dtype=dtype, param_dtype=param_dtype,
-                        remat=cfg.remat)
+                        remat=cfg.remat, ops=select_ops(jax.default_backend()))
         return model, codec
     if name in BUILT_IN_BASES:
         name = str(ensure_built_in_base(name, runs_dir))
@@ -103,4 +105,5 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
         model, tokenizer = load_model(name, dtype=dtype, param_dtype=param_dtype)
         codec = HFCodec(tokenizer, chat_template=cfg.chat_template, eos_ids=model.cfg.eos_token_ids)
     model.remat = cfg.remat  # rematerialise each layer in the backward pass (a static attribute of the graph)
+    model.ops = select_ops(jax.default_backend())  # splash attention on TPU, cuDNN on GPU, einsums on CPU
     return model, codec
