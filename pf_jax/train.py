@@ -1,8 +1,12 @@
-"""`python -m pf_jax.train [--config configs/X.yaml] [key.sub=value ...] [--dry-run]`
+"""`python -m pf_jax.train [--config configs/X.yaml] [key.sub=value ...] [--dry-run [--topology NAME] [--json PATH]]`
 
 With no arguments it runs the embedded default, configs/default.yaml: PowerFlow (alpha = 4, no labels,
 no reward) on the built-in arithmetic base model, trained first by SFT on a noisy corpus if it is not
 there yet, then held-out accuracy of base vs PowerFlow as a table and plots under runs/.
+
+--dry-run prints the recipe's per-device memory plan without weights or data; with --topology (a TPU slice,
+e.g. v5p:4x4x4) every program it runs is compiled for that slice by XLA's TPU compiler on this host, and
+--json PATH writes that compiled plan (peak_bytes, fits, per program) as JSON.
 """
 
 from __future__ import annotations
@@ -17,6 +21,24 @@ from pf_jax.training.model_source import CONFIGS_DIR
 DEFAULT_RECIPE = CONFIGS_DIR / "default.yaml"
 
 
+def take_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
+    """(value of `flag VALUE` or `flag=VALUE`, argv without it); a flag without a value is a ConfigError."""
+    rest, value, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == flag:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise ConfigError(f"{flag} needs a value")
+            value, i = argv[i + 1], i + 2
+            continue
+        if arg.startswith(flag + "="):
+            value = arg[len(flag) + 1 :]
+        else:
+            rest.append(arg)
+        i += 1
+    return value, rest
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     dry_run = "--dry-run" in argv
@@ -24,16 +46,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     from pf_jax.training.recipe import TrainConfig
 
     try:
+        topology, argv = take_option(argv, "--topology")
+        json_path, argv = take_option(argv, "--json")
+        if (topology or json_path) and not dry_run:
+            raise ConfigError("--topology and --json go with --dry-run")
+        if json_path and not topology:
+            raise ConfigError("--json writes the compiled plan: name a TPU slice with --topology (e.g. v5e:2x2)")
+        if topology:  # before anything loads libtpu
+            from pf_jax.sharding.topology import prepare_libtpu_environment
+
+            prepare_libtpu_environment(topology)
         path, overrides = parse_cli_args(argv)
         cfg = load_config(TrainConfig, path or DEFAULT_RECIPE, overrides)
+        if dry_run:
+            from pf_jax.sharding.memory_plan import dry_run as plan
+
+            plan(cfg, topology=topology, json_path=json_path)
+            return 0
     except ConfigError as error:
         print(f"pf_jax.train: {error}", file=sys.stderr)
         return 2
-    if dry_run:
-        from pf_jax.sharding.memory_plan import dry_run as plan
-
-        plan(cfg)
-        return 0
     from pf_jax.sampling.turn_policy import PromptTooLongError
     from pf_jax.training.checkpoint import CheckpointMismatchError
     from pf_jax.training.trainer import train

@@ -107,7 +107,9 @@ def test_every_synthetic_prompt_is_in_the_word_vocabulary():
 
 
 @settings(max_examples=25)
-@given(st.lists(st.tuples(st.floats(-20, 20), st.integers(0, 1), st.integers(0, 1)), min_size=1, max_size=8))
+# float32 values without subnormals: XLA on CPU flushes those to zero, so the sign the loss sees differs
+@given(st.lists(st.tuples(st.floats(-20, 20, width=32, allow_subnormal=False), st.integers(0, 1), st.integers(0, 1)),
+                min_size=1, max_size=8))
 def test_binary_cross_entropy_matches_the_log_likelihood(items):
     z = np.array([i[0] for i in items], np.float32).astype(np.float64)  # the values the loss sees
     y = np.array([i[1] for i in items], np.float64)

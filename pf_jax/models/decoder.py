@@ -138,7 +138,8 @@ class Decoder(nnx.Module):
         return z if cap is None else jnp.tanh(z / cap) * cap
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, *, ops: XlaOps | None = None) -> tuple[Array, KVCache | None]:
+                 cache: KVCache | None = None, *, ops: XlaOps | None = None,
+                 prefill: bool = False) -> tuple[Array, KVCache | None]:
         """tokens, positions: int [B, T]; attention_mask: bool [B, T] (False = padding).
 
         Without a cache, token t attends to tokens s <= t that are not padding. With a cache, the T new
@@ -146,6 +147,8 @@ class Decoder(nnx.Module):
         Sliding layers additionally require position(q) - position(k) < sliding_window.
         ops: this call's implementation (default: the model's, `self.ops`), e.g. the sampler's CPU decode
         kernels with the projections packed once (pf_jax.models.ops.CpuDecodeOps).
+        prefill: the cache holds nothing yet (a prefill at slot 0), so the new tokens' attention is
+        self-attention among them, which fused kernels (splash on TPU) compute without the [B, T, S] mask.
         Returns the final-normed hidden states [B, T, D] and the updated cache (or None).
         """
         cfg, ops = self.cfg, ops or self.ops
@@ -159,7 +162,7 @@ class Decoder(nnx.Module):
         mask, index, k_valid, k_positions = self._attention_mask(valid, positions, cache)
         inv_freq = np.array([rope_inverse_frequencies(cfg, sliding=s) for s in cfg.is_sliding], np.float32)
         windows = np.array([cfg.sliding_window if s else NO_WINDOW for s in cfg.is_sliding], np.int32)
-        fresh = cache is not None and cache.fresh
+        fresh = cache is not None and prefill
         scale, softcap = cfg.attention_scale, cfg.attn_logit_softcap
 
         def block(carry, layer):

@@ -23,9 +23,6 @@ class KVCache:
     valid: Array  # bool [B, S]
     positions: Array  # int32 [B, S]
     index: Array  # int32 scalar: next slot to write
-    # Static: nothing was written yet (index 0). A prefill into a fresh cache is self-attention over its new
-    # tokens, which fused kernels (splash on TPU) compute without the [B, T, S] mask (pf_jax.models.ops).
-    fresh: bool = flax.struct.field(pytree_node=False, default=False)
 
     @classmethod
     def init(cls, cfg: ModelConfig, batch: int, max_len: int, dtype: jnp.dtype = jnp.float32) -> KVCache:
@@ -37,7 +34,6 @@ class KVCache:
             valid=jnp.zeros((batch, max_len), bool),
             positions=jnp.zeros((batch, max_len), jnp.int32),
             index=jnp.zeros((), jnp.int32),
-            fresh=True,
         )
 
     @property

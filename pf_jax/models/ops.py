@@ -7,7 +7,7 @@ static shapes:
     XlaOps        every platform: einsum projections and head, the einsum attention below (float32
                   logits [B, KVH, G, T, S]: memory quadratic in the sequence length)
     SplashOps     TPU: splash attention (Pallas, pf_jax.models.splash) for self-attention over the new
-                  tokens (training, scoring, the prefill of a fresh cache), where its shapes apply
+                  tokens (training, scoring, the prefill of an empty cache), where its shapes apply
     CudnnOps      GPU: jax.nn.dot_product_attention with the cuDNN kernel (bf16 / fp16), same places
     CpuDecodeOps  CPU with every weight on one device (the sampler's decode loop): pf_jax.kernels'
                   AVX-512 / AMX matmuls and the decode attention that reads the stacked KV cache in
@@ -115,7 +115,7 @@ class XlaOps:
                          softcap: float | None) -> Array:
         """The T new tokens (q, k, v) attending to every valid slot of layer `layer` of the cache k_all,
         v_all [L, B, S, KVH, Dh], which already holds them. fresh: the cache held nothing before them
-        (a prefill), so attending to the new tokens alone is the same attention."""
+        (Decoder(..., prefill=True)), so attending to the new tokens alone is the same attention."""
         k = jax.lax.dynamic_index_in_dim(k_all, layer, 0, keepdims=False).astype(q.dtype)
         v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(q.dtype)
         return attention(q, k, v, mask.allowed(window), scale=scale, softcap=softcap)
@@ -137,7 +137,22 @@ def _window_switch(mask: AttentionMask, window: Array | int, no_window: int, ker
 
 
 @struct.dataclass
-class SplashOps(XlaOps):
+class FusedSelfAttention(XlaOps):
+    """Base of the implementations whose kernel computes self-attention over the new tokens (`fused`):
+    a prefill into an empty cache takes it too, on the new keys and values alone."""
+
+    def fused(self, q: Array, k: Array, softcap: float | None) -> bool:
+        raise NotImplementedError
+
+    def cached_attention(self, q, k, v, k_all, v_all, layer, mask, window, *, fresh, scale, softcap):
+        if fresh and q.shape[1] > 1 and self.fused(q, k, softcap):
+            return self.self_attention(q, k, v, mask, window, scale=scale, softcap=softcap)
+        return super().cached_attention(q, k, v, k_all, v_all, layer, mask, window, fresh=fresh, scale=scale,
+                                        softcap=softcap)
+
+
+@struct.dataclass
+class SplashOps(FusedSelfAttention):
     """TPU: splash attention for self-attention over the new tokens where its shapes apply (see
     pf_jax.models.splash.splash_applies), the einsum elsewhere (decode steps, short sequences).
 
@@ -153,33 +168,38 @@ class SplashOps(XlaOps):
     def on_mesh(self, mesh):
         return self.replace(mesh=mesh, rules=self.rules or _rule_items(DEFAULT_RULES))
 
-    def self_attention(self, q, k, v, mask, window, *, scale, softcap):
-        from pf_jax.models.splash import splash_applies, splash_attention
+    def fused(self, q: Array, k: Array, softcap: float | None) -> bool:
+        """Whether the kernel takes these shapes (static)."""
+        from pf_jax.models.splash import splash_applies
 
-        if not splash_applies(q.shape[1], k.shape[1], q.shape[-1]):
+        return splash_applies(q.shape[1], k.shape[1], q.shape[-1])
+
+    def self_attention(self, q, k, v, mask, window, *, scale, softcap):
+        from pf_jax.models.splash import splash_attention
+
+        if not self.fused(q, k, softcap):
             return super().self_attention(q, k, v, mask, window, scale=scale, softcap=softcap)
         layout = None if self.mesh is None else (self.mesh, dict(self.rules))
         return _window_switch(mask, window, self.no_window, lambda w: splash_attention(
             q, k, v, mask.segment_ids, scale=scale, window=w, softcap=softcap, interpret=self.interpret,
             layout=layout))
 
-    def cached_attention(self, q, k, v, k_all, v_all, layer, mask, window, *, fresh, scale, softcap):
-        if fresh and q.shape[1] > 1:
-            return self.self_attention(q, k, v, mask, window, scale=scale, softcap=softcap)
-        return super().cached_attention(q, k, v, k_all, v_all, layer, mask, window, fresh=fresh, scale=scale,
-                                        softcap=softcap)
 
 
 @struct.dataclass
-class CudnnOps(XlaOps):
+class CudnnOps(FusedSelfAttention):
     """GPU: jax.nn.dot_product_attention with the cuDNN fused kernel for self-attention over the new
     tokens, where it applies (bf16 / fp16, no soft-cap); the einsum elsewhere. `implementation` may be
     "xla" to run the same call on CPU (tests)."""
 
     implementation: str = struct.field(pytree_node=False, default="cudnn")
 
+    def fused(self, q: Array, k: Array, softcap: float | None) -> bool:
+        """Whether the kernel takes these shapes and dtypes (static)."""
+        return softcap is None and (self.implementation != "cudnn" or q.dtype in (jnp.bfloat16, jnp.float16))
+
     def self_attention(self, q, k, v, mask, window, *, scale, softcap):
-        if softcap is not None or (self.implementation == "cudnn" and q.dtype not in (jnp.bfloat16, jnp.float16)):
+        if not self.fused(q, k, softcap):
             return super().self_attention(q, k, v, mask, window, scale=scale, softcap=softcap)
         # Causal by index and the window in the kernel (a row's tokens are contiguous); a query sees the keys
         # of its own segment only, so padding queries see padding keys (at least themselves: no empty row).
@@ -189,11 +209,6 @@ class CudnnOps(XlaOps):
             q, k, v, mask=keys, scale=scale, is_causal=True, implementation=self.implementation,
             local_window_size=None if w is None else (w - 1, 0)))
 
-    def cached_attention(self, q, k, v, k_all, v_all, layer, mask, window, *, fresh, scale, softcap):
-        if fresh and q.shape[1] > 1:
-            return self.self_attention(q, k, v, mask, window, scale=scale, softcap=softcap)
-        return super().cached_attention(q, k, v, k_all, v_all, layer, mask, window, fresh=fresh, scale=scale,
-                                        softcap=softcap)
 
 
 @struct.dataclass

@@ -160,7 +160,8 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array
     by `layout`."""
     model = nnx.merge(graphdef, state)
     cache = KVCache.init(model.cfg, tokens.shape[0], cache_len, model.dtype)
-    hidden, cache = model(tokens, positions_from_mask(mask), mask, cache, ops=model.ops.on_mesh(layout.mesh))
+    hidden, cache = model(tokens, positions_from_mask(mask), mask, cache, ops=model.ops.on_mesh(layout.mesh),
+                          prefill=True)
     cache = layout.constrain_cache(cache.repeat_rows(n))
     return layout.constrain_rows(jnp.repeat(hidden[:, -1], n, axis=0)), cache
 

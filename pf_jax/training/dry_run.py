@@ -20,6 +20,8 @@ What the recipe decides, and how the plan reads it:
                      rollout stops with PromptTooLongError beyond it)
 The compiled step's temporary memory is reported when this process sees at least the mesh's device count
 (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=64 JAX_PLATFORMS=cpu).
+With `--topology v5p:4x4x4` every program the recipe runs (train step, scoring passes, sampler prefill and
+decode) is compiled by XLA's TPU compiler for that slice instead, on this host (pf_jax.training.compiled_plan).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import math
 import re
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
@@ -45,6 +48,9 @@ from pf_jax.training.model_source import (
     tiny_model_config,
 )
 from pf_jax.training.recipe import ModelSection, TrainConfig
+
+if TYPE_CHECKING:
+    from pf_jax.training.compiled_plan import CompiledPlan
 
 MODEL_CONFIGS_DIR = CONFIGS_DIR / "models"
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -93,8 +99,10 @@ def recipe_model_config(section: ModelSection, *, runs_dir: str | Path = "runs")
                       "a directory, a .gguf file, an embedded alias or a hub name")
 
 
-def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[MemoryPlan, str]:
-    """(memory plan of the recipe on its mesh, one line naming the sizes assumed)."""
+def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None,
+                compile_step: bool = True) -> tuple[MemoryPlan, str]:
+    """(memory plan of the recipe on its mesh, one line naming the sizes assumed). compile_step: compile the
+    generic NLL step on this process's devices when it has enough (see pf_jax.sharding.memory_plan)."""
     from pf_jax.training.trainer import _freezes_policy, _needs_reference, _uses_samples
 
     spec = method_spec(cfg.method.name)
@@ -125,7 +133,8 @@ def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[M
         param_dtype=param_dtype,
         compute_dtype=compute_dtype, reference=_needs_reference(cfg, spec), reference_dtype=param_dtype,
         sampler_copy=sampling, kv_cache=(sequences, length) if sampling else None,
-        train_batch=(update_batch, length), remat=cfg.model.remat, rules=cfg.mesh.logical_rules(),
+        train_batch=(update_batch, length), remat=cfg.model.remat, compile_step=compile_step,
+        rules=cfg.mesh.logical_rules(),
         name=f"{cfg.method.name} on {cfg.model.name}",
     )
     note = (f"assumed: {assumed} of {cfg.data.max_prompt_tokens} prompt + {r.max_new_tokens} new tokens; "
@@ -133,8 +142,20 @@ def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None) -> tuple[M
     return plan, note
 
 
-def dry_run(cfg: TrainConfig, *, device_count: int | None = None, echo: Callable[[str], None] = print) -> MemoryPlan:
-    """Print the recipe's per-device memory table and fit verdicts; returns the plan."""
-    plan, note = plan_recipe(cfg, device_count=device_count)
-    echo(format_plan(plan) + note)
-    return plan
+def dry_run(cfg: TrainConfig, *, device_count: int | None = None, echo: Callable[[str], None] = print,
+            topology: str | None = None, json_path: str | Path | None = None) -> MemoryPlan | CompiledPlan:
+    """Print the recipe's per-device memory table and fit verdicts; returns the plan. With `topology` (a TPU
+    slice such as v5p:4x4x4) every program of the recipe is compiled for it instead
+    (pf_jax.training.compiled_plan), and `json_path` receives the compiled plan as JSON."""
+    if topology is None:
+        plan, note = plan_recipe(cfg, device_count=device_count)
+        echo(format_plan(plan) + note)
+        return plan
+    from pf_jax.training.compiled_plan import compile_recipe
+    from pf_jax.training.compiled_report import format_compiled_plan, write_json
+
+    compiled = compile_recipe(cfg, topology)
+    echo(format_compiled_plan(compiled, cfg))
+    if json_path is not None:
+        echo(f"[pf_jax] compiled plan written to {write_json(compiled, cfg, json_path)}")
+    return compiled

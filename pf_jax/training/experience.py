@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from pf_jax.data.codec import TextCodec
 from pf_jax.losses import advantages as adv_lib
@@ -31,11 +32,23 @@ from pf_jax.training.objective import call_with_available, response_logprobs
 from pf_jax.training.recipe import TrainConfig
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "entropy"))
-def _score(graphdef: nnx.GraphDef, params: nnx.State, seq: SequenceBatch, chunk_size: int, entropy: bool):
+@functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "entropy", "mesh"))
+def _score(graphdef: nnx.GraphDef, params: nnx.State, seq: SequenceBatch, chunk_size: int, entropy: bool,
+           mesh: Mesh | None = None):
+    """mesh: the multi-device mesh of `params` (weights_mesh), for kernels that run per device (splash)."""
     model = nnx.merge(graphdef, params)
+    model.ops = model.ops.on_mesh(mesh)
     logp, ent, hidden = response_logprobs(model, seq, chunk_size=chunk_size, entropy=entropy)
     return logp, ent, hidden
+
+
+def weights_mesh(params: Any) -> Mesh | None:
+    """The mesh of the first array of `params` placed on several devices (the sampler layout's), else None."""
+    for leaf in jax.tree_util.tree_leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
 
 
 @dataclass
@@ -46,10 +59,10 @@ class Scorer:
     chunk_size: int
 
     def logprobs(self, params: nnx.State, seq: SequenceBatch) -> jax.Array:
-        return _score(self.graphdef, params, seq, self.chunk_size, False)[0]
+        return _score(self.graphdef, params, seq, self.chunk_size, False, weights_mesh(params))[0]
 
     def logprobs_entropy_hidden(self, params: nnx.State, seq: SequenceBatch):
-        return _score(self.graphdef, params, seq, self.chunk_size, True)
+        return _score(self.graphdef, params, seq, self.chunk_size, True, weights_mesh(params))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "P", "R"))

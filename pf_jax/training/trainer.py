@@ -29,9 +29,7 @@ from pf_jax.data.iterator import BatchIterator, IteratorState
 from pf_jax.data.loading import load_preference_rows, load_prompt_rows, read_rows
 from pf_jax.evaluation.scoring import MethodResult, Problem, score_responses
 from pf_jax.losses import get_loss_method
-from pf_jax.models.heads import LogPartitionHead, ValueHead
 from pf_jax.models.hf_io import export_hf_directory
-from pf_jax.rewards.constraint_classifier import ConstraintClassifierHead
 from pf_jax.rewards.registry import ANSWER_EXTRACTORS, ARITHMETIC_CHECKER, build_reward
 from pf_jax.training.agentic import AgenticExperience, agentic_task_rows
 from pf_jax.training.batch import SequenceBatch
@@ -41,11 +39,10 @@ from pf_jax.training.instruction_source import curriculum_batches
 from pf_jax.training.methods import MethodSpec, method_spec
 from pf_jax.training.metrics import MetricsLogger
 from pf_jax.training.model_source import load_policy
-from pf_jax.training.objective import bind_loss, build_loss_fn
-from pf_jax.training.optimizer import build_optimizer
 from pf_jax.training.placement import MeshPlacement
 from pf_jax.training.recipe import TrainConfig
-from pf_jax.training.step import TrainState, make_train_step
+from pf_jax.training.step import TrainState
+from pf_jax.training.update import build_update
 
 
 @dataclass
@@ -111,10 +108,6 @@ def load_training_rows(cfg: TrainConfig, spec: MethodSpec, codec: TextCodec) -> 
     return list(rows.rows)
 
 
-def _label_tree(params: dict[str, nnx.State]) -> dict[str, Any]:
-    return {name: jax.tree_util.tree_map(lambda _, n=name: n, p) for name, p in params.items()}
-
-
 class Trainer:
     """Builds every piece of a recipe once; `run()` trains, checkpoints, evaluates and exports."""
 
@@ -135,50 +128,13 @@ class Trainer:
                                                                process_count=process_count)):
             self.iterator = curriculum
 
-        modules: dict[str, nnx.Module] = {"policy": policy}
-        D = policy.cfg.hidden_size
-        if spec.log_z_head and cfg.method.log_z == "head":
-            modules["log_z"] = LogPartitionHead(D, cfg.model.log_z_width, rngs=nnx.Rngs(cfg.seed + 1))
-        if spec.value_head:
-            modules["value"] = ValueHead(D, rngs=nnx.Rngs(cfg.seed + 2))
-        if spec.family == "reward_model":
-            modules["classifier"] = ConstraintClassifierHead(D, cfg.reward_model.mlp_dim, rngs=nnx.Rngs(cfg.seed + 3))
-        split = {k: nnx.split(m, nnx.Param) for k, m in modules.items()}
-        self.graphdefs = {k: g for k, (g, _) in split.items()}
-        params = {k: p for k, (_, p) in split.items()}
+        update = build_update(cfg, spec, policy, sampling=self.sampling, frozen_policy=_freezes_policy(cfg, spec))
+        self.graphdefs, params, self.loss_fn, self.tx = update.graphdefs, update.params, update.loss_fn, update.tx
         self.ref_params = jax.tree_util.tree_map(jnp.copy, params["policy"]) if _needs_reference(cfg, spec) else None
-
-        loss_overrides = dict(cfg.method.loss)
-        if spec.family == "gflownet":
-            if "alpha" in loss_overrides:
-                raise ConfigError("set the GFlowNet target exponent with method.alpha, not method.loss.alpha")
-            if spec.loss == "powerflow":
-                loss_overrides["alpha"] = cfg.method.alpha
-        try:
-            loss = bind_loss(spec.loss, loss_overrides)
-        except ValueError as error:
-            raise ConfigError(f"method.loss: {error}") from error
-        value_coef = cfg.method.value_coef
-        if value_coef is None:
-            value_coef = get_loss_method(spec.loss).value_coef
-        if spec.family == "reward_model":
-            from pf_jax.training.reward_model import classifier_loss_fn
-
-            self.loss_fn = classifier_loss_fn(loss, freeze_backbone=cfg.reward_model.freeze_backbone)
-        else:
-            self.loss_fn = build_loss_fn(spec, loss, chunk_size=cfg.model.logprob_chunk,
-                                         entropy_coef=cfg.method.entropy_coef, value_coef=value_coef)
-
-        r = cfg.rollout
-        self.updates_per_step = (r.updates_per_batch * r.minibatches) if self.sampling else 1
-        frozen = frozenset({"policy"}) if _freezes_policy(cfg, spec) else frozenset()
-        self.tx = build_optimizer(cfg.optimizer, cfg.steps * self.updates_per_step, param_labels=_label_tree(params),
-                                  frozen_groups=frozen)
+        self.updates_per_step = update.updates_per_step
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                                 rng=jax.random.key(cfg.seed))
-        compute = jnp.bfloat16 if (cfg.model.dtype == "bfloat16" and cfg.model.param_dtype == "float32") else None
-        step_fn = make_train_step(self.graphdefs, self.loss_fn, self.tx,
-                                  microbatches=cfg.optimizer.grad_accum_steps, compute_dtype=compute)
+        compute, step_fn = update.compute_dtype, update.step_fn
         self.train_step = jax.jit(step_fn, donate_argnums=0)
         # More than one device: state on the mesh, step jitted with explicit shardings (training/placement.py).
         self.placement = MeshPlacement.from_config(cfg.mesh, sampler_dtype=compute)

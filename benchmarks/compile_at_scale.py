@@ -1,0 +1,126 @@
+"""The at-scale recipes compiled by XLA's TPU compiler for their target slices, on this CPU host (libtpu,
+`pip install 'pf_jax[tpu]'`): the README's table of per-device peaks, HBM, headroom and train-step FLOPs,
+and the 7B PowerFlow train step at 4k / 8k / 16k tokens with splash attention against the einsum.
+
+    python benchmarks/compile_at_scale.py [--only NAME ...] [--skip-context] [--json PATH]
+
+Each recipe is `python -m pf_jax.train --config X --dry-run --topology T` (pf_jax.training.compiled_plan);
+the context rows compile the train step alone. Compiles of a 7B step take 2-4 minutes each on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from pf_jax.sharding.topology import prepare_libtpu_environment
+
+prepare_libtpu_environment("v5p:4x4x4")  # before libtpu loads
+
+from pf_jax.config import load_config  # noqa: E402
+from pf_jax.models.ops import XlaOps  # noqa: E402
+from pf_jax.sharding.topology import tpu_topology  # noqa: E402
+from pf_jax.training.compiled_plan import abstract_recipe, compile_recipe, compile_train_step  # noqa: E402
+from pf_jax.training.compiled_report import plan_json  # noqa: E402
+from pf_jax.training.recipe import TrainConfig  # noqa: E402
+
+GiB = 1024**3
+# (name, recipe, target topology): each recipe's header names the same topology
+RECIPES = [
+    ("powerflow-7b", "configs/powerflow/qwen2.5-math-7b.yaml", "v5p:4x4x4"),
+    ("powerflow-1.5b", "configs/powerflow/qwen2.5-math-1.5b.yaml", "v5p:2x2x2"),
+    ("grpo-7b", "configs/grpo/qwen2.5-7b-math.yaml", "v5p:4x4x4"),
+    ("dpo-8b", "configs/preference/dpo-llama3.1-8b.yaml", "v5p:2x4x4"),
+    ("rewardflow-3b", "configs/rewardflow/textworld-qwen2.5-3b-gpu.yaml", "v5p:2x2x2"),
+]
+CONTEXT = ("configs/powerflow/qwen2.5-math-7b.yaml", "v5p:4x4x4", (4096, 8192, 16384))
+
+
+def recipe_row(name: str, recipe: str, topology: str) -> dict:
+    started = time.perf_counter()
+    cfg = load_config(TrainConfig, recipe, [])
+    plan = compile_recipe(cfg, topology)
+    out = plan_json(plan, cfg)
+    out.update(name=name, config=recipe, wall_s=time.perf_counter() - started)
+    return out
+
+
+def context_row(length: int, attention: str) -> dict:
+    """The 7B PowerFlow train step at `length` tokens per row (1024 prompt + the rest response)."""
+    recipe, topology, _ = CONTEXT
+    started = time.perf_counter()
+    cfg = load_config(TrainConfig, recipe, [f"rollout.max_new_tokens={length - 1024}"])
+    r = abstract_recipe(cfg, tpu_topology(topology), ops=XlaOps() if attention == "einsum" else None)
+    plan, flops = compile_train_step(r)
+    return {"length": length, "attention": attention, "topology": topology, "temp_bytes": plan.temp_bytes,
+            "peak_bytes": plan.peak_bytes(r.resident), "hbm_bytes": r.topology.hbm_bytes,
+            "out_of_memory": plan.out_of_memory, "error": plan.error, "splash_kernels": plan.kernels,
+            "matmul_flops": flops, "wall_s": time.perf_counter() - started}
+
+
+def recipe_table(rows: list[dict]) -> str:
+    lines = ["| recipe | topology | per-device peak (compiled) | HBM | headroom | train-step FLOPs | "
+             "compiled / 6·N·tokens | analytic estimate |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        f = r["train_flops"]
+        lines.append(
+            f"| `{r['config']}` | {r['topology']} ({r['devices']} chips) | {r['peak_bytes'] / GiB:.1f} GiB "
+            f"({r['peak_program']}) | {r['hbm_bytes'] / GiB:.0f} GiB | {r['headroom_bytes'] / GiB:.1f} GiB"
+            f"{'' if r['fits'] else ' (does NOT fit)'} | {(f['matmul_flops_per_update'] or 0) / 1e15:.2f} P | "
+            f"{f['ratio_to_6NT']:.2f} | {r['analytic']['per_device_bytes'] / GiB:.1f} GiB |")
+    return "\n".join(lines)
+
+
+def context_table(rows: list[dict]) -> str:
+    lines = ["| tokens per row | attention | train-step temporaries | per-device peak | fits (95 GiB) |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        oom = " (compiler: out of memory)" if r["out_of_memory"] else ""
+        lines.append(f"| {r['length']} | {r['attention']} | {r['temp_bytes'] / GiB:.1f} GiB{oom} | "
+                     f"{r['peak_bytes'] / GiB:.1f} GiB | {'yes' if r['peak_bytes'] <= r['hbm_bytes'] and not r['error'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--only", nargs="*", help=f"recipe names ({', '.join(n for n, *_ in RECIPES)})")
+    ap.add_argument("--skip-context", action="store_true")
+    ap.add_argument("--skip-recipes", action="store_true")
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/results/compile_at_scale.json"))
+    args = ap.parse_args(argv)
+    results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
+    if not args.skip_recipes:
+        rows = {r["name"]: r for r in results.get("recipes", [])}
+        for name, recipe, topology in RECIPES:
+            if args.only and name not in args.only:
+                continue
+            print(f"[compile_at_scale] {name}: {recipe} on {topology} ...", file=sys.stderr, flush=True)
+            rows[name] = recipe_row(name, recipe, topology)
+            print(f"[compile_at_scale]   {rows[name]['verdict']} ({rows[name]['wall_s']:.0f} s)", file=sys.stderr)
+            results["recipes"] = [rows[n] for n, *_ in RECIPES if n in rows]
+            _write(args.json, results)
+    if not args.skip_context:
+        context = []
+        for length in CONTEXT[2]:
+            for attention in ("splash", "einsum"):
+                print(f"[compile_at_scale] 7B PowerFlow train step, {length} tokens, {attention} ...",
+                      file=sys.stderr, flush=True)
+                context.append(context_row(length, attention))
+                results["context"] = context
+                _write(args.json, results)
+    print(recipe_table(results.get("recipes", [])))
+    print()
+    print(context_table(results.get("context", [])))
+    return 0
+
+
+def _write(path: Path, results: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
