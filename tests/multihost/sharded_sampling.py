@@ -53,7 +53,7 @@ def decode_flops(m: Decoder, prompts, n: int, config: GenerationConfig) -> tuple
     """Per-device FLOPs of the compiled decode loop and its collective ops, for m's weight layout."""
     config, graphdef, state, layout, tokens, mask = sampler.prepare_prompts(m, prompts, config, n)
     # XLA's dots, not pf_jax.kernels' custom calls (whose FLOPs cost_analysis does not count)
-    layout = dataclasses.replace(layout, one_device=False)
+    layout = dataclasses.replace(layout, one_device=False, cpu=False)
     hidden, cache = sampler.prefill(graphdef, state, *layout.place_rows((tokens, mask)),
                                      cache_len=tokens.shape[1] + config.max_new_tokens, n=n, layout=layout)
     lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
