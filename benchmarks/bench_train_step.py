@@ -19,7 +19,7 @@ import tempfile
 import time
 
 from pf_jax.config import load_config
-from pf_jax.training.recipe import TrainConfig
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.training.trainer import Trainer
 
 

@@ -4,7 +4,7 @@ and the 7B PowerFlow train step at 4k / 8k / 16k tokens with splash attention ag
 
     python benchmarks/compile_at_scale.py [--only NAME ...] [--skip-context] [--json PATH]
 
-Each recipe is `python -m pf_jax.train --config X --dry-run --topology T` (pf_jax.training.compiled_plan);
+Each recipe is `python -m pf_jax.train --config X --dry-run --topology T` (pf_jax.planning.compiled_plan);
 the context rows compile the train step alone. Compiles of a 7B step take 2-4 minutes each on 2 cores.
 """
 
@@ -21,11 +21,11 @@ from pf_jax.sharding.topology import prepare_libtpu_environment
 prepare_libtpu_environment("v5p:4x4x4")  # before libtpu loads
 
 from pf_jax.config import load_config  # noqa: E402
+from pf_jax.config.recipe import TrainConfig  # noqa: E402
 from pf_jax.models.ops import XlaOps  # noqa: E402
+from pf_jax.planning.compiled_plan import abstract_recipe, compile_recipe, compile_train_step  # noqa: E402
+from pf_jax.planning.compiled_report import plan_json  # noqa: E402
 from pf_jax.sharding.topology import tpu_topology  # noqa: E402
-from pf_jax.training.compiled_plan import abstract_recipe, compile_recipe, compile_train_step  # noqa: E402
-from pf_jax.training.compiled_report import plan_json  # noqa: E402
-from pf_jax.training.recipe import TrainConfig  # noqa: E402
 
 GiB = 1024**3
 # (name, recipe, target topology): each recipe's header names the same topology

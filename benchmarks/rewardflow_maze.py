@@ -23,8 +23,8 @@ import jax
 import numpy as np
 
 from pf_jax.config import load_config
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.training.agentic import agentic_task_rows, episode_metrics
-from pf_jax.training.recipe import TrainConfig
 from pf_jax.training.trainer import Trainer
 
 CONFIGS = {"RewardFlow": "configs/rewardflow/maze.yaml", "GRPO (episode)": "configs/rewardflow/maze_grpo.yaml"}

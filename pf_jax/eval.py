@@ -62,7 +62,7 @@ SYNTHETIC_PROBLEMS = ("arithmetic", "arithmetic:test", "arithmetic:train")
 def load_eval_problems(source: str, limit: int | None, prompt_field: str, answer_field: str) -> list[Problem]:
     """Problems from a .jsonl file, the synthetic arithmetic task, or a benchmark name."""
     if source in SYNTHETIC_PROBLEMS:
-        from pf_jax.data.arithmetic import arithmetic_task_rows
+        from pf_jax.tasks.arithmetic import arithmetic_task_rows
 
         split = source.partition(":")[2] or "test"
         rows = arithmetic_task_rows(split)[:limit]
@@ -76,7 +76,7 @@ def _checker(name: str, problems_source: str) -> AnswerChecker:
     if name == "auto":
         name = "arithmetic" if problems_source in SYNTHETIC_PROBLEMS else "math"
     if name == "arithmetic":
-        from pf_jax.rewards.registry import ARITHMETIC_CHECKER
+        from pf_jax.tasks.arithmetic import ARITHMETIC_CHECKER
 
         return ARITHMETIC_CHECKER
     return checker_by_name(name)
@@ -125,6 +125,7 @@ def generate_results(args: argparse.Namespace, problems: Sequence[Problem], chec
     import jax
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    from pf_jax.config.recipe import ModelSection
     from pf_jax.evaluation.generation import (
         GenerationStats,
         model_generate_fn,
@@ -134,7 +135,6 @@ def generate_results(args: argparse.Namespace, problems: Sequence[Problem], chec
     from pf_jax.evaluation.scoring import evaluate_method
     from pf_jax.models.decoder import with_layer_layout
     from pf_jax.training.model_source import load_policy
-    from pf_jax.training.recipe import ModelSection
 
     methods = [parse_sampling_method(m) for m in args.methods]
     entries = [parse_model_entry(m) for m in args.model]

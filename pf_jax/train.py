@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
-    from pf_jax.training.recipe import TrainConfig
+    from pf_jax.config.recipe import TrainConfig
 
     try:
         topology, argv = take_option(argv, "--topology")
@@ -59,14 +59,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         path, overrides = parse_cli_args(argv)
         cfg = load_config(TrainConfig, path or DEFAULT_RECIPE, overrides)
         if dry_run:
-            from pf_jax.sharding.memory_plan import dry_run as plan
+            from pf_jax.planning.memory_plan import dry_run as plan
 
             plan(cfg, topology=topology, json_path=json_path)
             return 0
     except ConfigError as error:
         print(f"pf_jax.train: {error}", file=sys.stderr)
         return 2
-    from pf_jax.sampling.turn_policy import PromptTooLongError
+    from pf_jax.envs.sampler_policy import PromptTooLongError
     from pf_jax.training.checkpoint import CheckpointMismatchError
     from pf_jax.training.trainer import train
 

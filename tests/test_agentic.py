@@ -6,20 +6,20 @@ import pytest
 from flax import nnx
 
 from pf_jax.config import load_config
-from pf_jax.data.codec import load_codec
-from pf_jax.data.maze_codec import maze_vocabulary, maze_word_codec, split_words
+from pf_jax.config.recipe import TrainConfig
+from pf_jax.data.saved_codec import load_codec
+from pf_jax.data.sequences import pack_sequences
 from pf_jax.envs.maze import MazeEnv
 from pf_jax.envs.rollout import RolloutConfig, TurnRequest, build_messages
+from pf_jax.envs.sampler_policy import PromptTooLongError, SamplerPolicy, encode_messages, render_plain
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.rewards.step_advantages import gigpo_advantages, grpo_episode_advantages, rewardflow_advantages
 from pf_jax.sampling import sampler as sampler_module
 from pf_jax.sampling.sampler import GenerationConfig
-from pf_jax.sampling.turn_policy import PromptTooLongError, SamplerPolicy, encode_messages, render_plain
+from pf_jax.tasks.maze import maze_vocabulary, maze_word_codec, split_words
 from pf_jax.training.agentic import pack_step_rows
-from pf_jax.training.batch import pack_sequences
 from pf_jax.training.objective import response_logprobs
-from pf_jax.training.recipe import TrainConfig
 from pf_jax.training.trainer import Trainer
 
 CODEC = maze_word_codec(maze_vocabulary())

@@ -13,11 +13,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pf_jax.config import ConfigError, DataConfig
-from pf_jax.data import BadRowError, BatchIterator, IteratorState, load_preference_rows, load_prompt_rows
-from pf_jax.data.arithmetic import (
+from pf_jax.data import BadRowError, BatchIterator, IteratorState
+from pf_jax.data.codec import CharTokenizer
+from pf_jax.tasks.arithmetic import (
     TASK_SIZES,
     ArithmeticProblem,
-    CharTokenizer,
     generate_problems,
     is_correct,
     noisy_answer_distribution,
@@ -25,6 +25,7 @@ from pf_jax.data.arithmetic import (
     parse_answer,
     problem_split,
 )
+from pf_jax.tasks.sources import load_preference_rows, load_prompt_rows
 
 TOKENIZER = CharTokenizer()
 

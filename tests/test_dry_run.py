@@ -3,10 +3,10 @@
 import pytest
 
 from pf_jax.config import ConfigError, load_config
-from pf_jax.sharding.memory_plan import GiB
+from pf_jax.config.recipe import TrainConfig
+from pf_jax.planning.dry_run import plan_recipe, recipe_model_config
+from pf_jax.planning.memory_plan import GiB
 from pf_jax.train import main
-from pf_jax.training.dry_run import plan_recipe, recipe_model_config
-from pf_jax.training.recipe import TrainConfig
 
 QWEN_7B_RECIPE = "configs/powerflow/qwen2.5-math-7b.yaml"
 # Qwen2.5-Math-7B by hand: untied embeddings, qkv bias, every matrix has the embed dim (3584 = 64 * 56)

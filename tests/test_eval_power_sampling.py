@@ -15,7 +15,7 @@ from pf_jax.sampling.power_math import (
     power_suffix_log_acceptance,
     tempered_log_probs,
 )
-from pf_jax.sampling.tabular_toy import tabular_suffix_proposer, tabular_token_log_probs
+from tests.oracles.tabular_toy import tabular_suffix_proposer, tabular_token_log_probs
 
 VOCAB, LENGTH = 3, 3
 SEQUENCES = list(itertools.product(range(VOCAB), repeat=LENGTH))

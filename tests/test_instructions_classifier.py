@@ -12,20 +12,20 @@ from flax import nnx
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pf_jax.data.instruction_curriculum import build_levels
-from pf_jax.data.synthetic_soft_constraints import (
-    SOFT_CONSTRAINTS,
-    synthetic_classifier_inputs,
-    synthetic_multi_constraint_instructions,
-    synthetic_soft_examples,
-)
-from pf_jax.rewards.constraint_classifier import (
+from pf_jax.tasks.instructions.classifier import (
     ConstraintClassifierHead,
     format_classifier_input,
     make_soft_scorer,
     masked_mean_pool,
 )
-from pf_jax.rewards.instruction_reward import InstructionReward
+from pf_jax.tasks.instructions.curriculum import build_levels
+from pf_jax.tasks.instructions.reward import InstructionReward
+from pf_jax.tasks.instructions.soft_constraints import (
+    SOFT_CONSTRAINTS,
+    synthetic_classifier_inputs,
+    synthetic_multi_constraint_instructions,
+    synthetic_soft_examples,
+)
 
 VOCAB, DIM, MAX_T = 16384, 16, 32
 

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pf_jax.data.constraint_pseudo_labels import build_pseudo_labels, classifier_training_pairs
-from pf_jax.data.instruction_curriculum import (
+from pf_jax.tasks.instructions.constraints import Constraint
+from pf_jax.tasks.instructions.curriculum import (
     CurriculumPromptSource,
     MultiConstraintInstruction,
     build_levels,
@@ -16,7 +16,7 @@ from pf_jax.data.instruction_curriculum import (
     load_instructions_jsonl,
     uniform_levels,
 )
-from pf_jax.rewards.instructions import Constraint
+from pf_jax.tasks.instructions.pseudo_labels import build_pseudo_labels, classifier_training_pairs
 
 C1 = Constraint("keywords:existence", {"keywords": ["river"]})
 C2 = Constraint.soft("respond in a cheerful tone")

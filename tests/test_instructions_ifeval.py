@@ -6,7 +6,7 @@ import pytest
 from if_verifiable.common import evaluate_instructions
 from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 
-from pf_jax.evaluation.ifeval import evaluate_ifeval, load_ifeval_jsonl, load_responses, main
+from pf_jax.tasks.instructions.ifeval import evaluate_ifeval, load_ifeval_jsonl, load_responses, main
 
 END = "Is there anything else I can help with?"
 # (row, response, strict per instruction, loose per instruction)

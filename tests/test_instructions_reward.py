@@ -7,9 +7,9 @@ from hypothesis import strategies as st
 from if_verifiable.common import evaluate_instructions
 from if_verifiable.ifeval.instructions_registry import INSTRUCTION_DICT
 
-from pf_jax.data.instruction_curriculum import MultiConstraintInstruction, build_levels
-from pf_jax.rewards.instruction_reward import REASONS, InstructionReward, RewardFunctionError
-from pf_jax.rewards.instructions import Constraint, NltkDataMissingError
+from pf_jax.tasks.instructions.constraints import Constraint, NltkDataMissingError
+from pf_jax.tasks.instructions.curriculum import MultiConstraintInstruction, build_levels
+from pf_jax.tasks.instructions.reward import REASONS, InstructionReward, RewardFunctionError
 
 
 def animal_scorer(responses, constraints):
@@ -91,7 +91,7 @@ def test_soft_scorer_failure_names_the_row():
 
 def test_checker_without_nltk_data_is_reported_with_the_row():
     rows = [ROW, {"prompt": "p", "instruction_id_list": ["words:start_verb"], "kwargs": [{}]}]
-    from pf_jax.rewards.nltk_offline_data import ensure_nltk_offline_data
+    from pf_jax.tasks.instructions.nltk_data import ensure_nltk_offline_data
 
     if "averaged_perceptron_tagger_eng" not in ensure_nltk_offline_data().missing:
         pytest.skip("POS tagger installed here")

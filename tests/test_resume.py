@@ -107,7 +107,7 @@ def test_resuming_with_another_model_is_a_clear_error_and_moves_nothing(tmp_path
 
 def _in_process(runs_dir: Path, *extra: str):
     from pf_jax.config import load_config
-    from pf_jax.training.recipe import TrainConfig
+    from pf_jax.config.recipe import TrainConfig
     from pf_jax.training.trainer import Trainer
 
     return Trainer(load_config(TrainConfig, None, [*RECIPE, "steps=4", "checkpoint.every_steps=100",

@@ -7,7 +7,7 @@ import jax
 import pytest
 
 from pf_jax.models.config import ModelConfig
-from pf_jax.sharding.memory_plan import GiB, format_plan, plan_memory
+from pf_jax.planning.memory_plan import GiB, format_plan, plan_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 QWEN_1_5B = ModelConfig.from_hf(json.loads((ROOT / "configs/models/qwen2.5-math-1.5b.json").read_text()))

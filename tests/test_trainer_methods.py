@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from pf_jax.config import ConfigError, load_config
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.training.methods import METHODS
-from pf_jax.training.recipe import TrainConfig
 from pf_jax.training.trainer import Trainer
 
 TINY = [

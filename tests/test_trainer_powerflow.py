@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pf_jax.config import load_config
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.training.experience import group_log_partition
-from pf_jax.training.recipe import TrainConfig
 from pf_jax.training.trainer import Trainer
 
 TINY = [

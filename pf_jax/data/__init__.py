@@ -1,17 +1,8 @@
-"""Prompt and preference data: datasets loading, row validation, synthetic tasks, curricula."""
+"""Data as the trainer reads it: codecs (text <-> token ids), the training batch layout, row loading from
+files and hub datasets, row validation, and the resumable batch iterator. Synthetic tasks' rows are
+pf_jax.tasks'."""
 
 from pf_jax.data.iterator import BatchIterator, IteratorState
-from pf_jax.data.loading import load_preference_rows, load_prompt_rows, read_rows, resolve_format
 from pf_jax.data.rows import BadRowError, RowReport, ValidatedRows
 
-__all__ = [
-    "BadRowError",
-    "BatchIterator",
-    "IteratorState",
-    "RowReport",
-    "ValidatedRows",
-    "load_preference_rows",
-    "load_prompt_rows",
-    "read_rows",
-    "resolve_format",
-]
+__all__ = ["BadRowError", "BatchIterator", "IteratorState", "RowReport", "ValidatedRows"]

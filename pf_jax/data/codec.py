@@ -8,13 +8,77 @@ sampler emits and what likelihood losses must score.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from pf_jax.data.arithmetic import CharTokenizer
+import numpy as np
 
 CHAR_TOKENIZER_FILE = "pf_jax_char_tokenizer.json"
+
+
+class CharTokenizer:
+    """Character-level tokenizer: one id per symbol after the special tokens pad=0, bos=1, eos=2."""
+
+    SPECIALS = ("<pad>", "<bos>", "<eos>")
+    ALPHABET = "0123456789+-*=() \n"
+
+    def __init__(self, alphabet: str = ALPHABET) -> None:
+        if len(set(alphabet)) != len(alphabet):
+            raise ValueError(f"tokenizer alphabet has repeated symbols: {alphabet!r}")
+        self.alphabet = alphabet
+        self.pad_id, self.bos_id, self.eos_id = 0, 1, 2
+        self._id_of = {ch: i + len(self.SPECIALS) for i, ch in enumerate(alphabet)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.SPECIALS) + len(self.alphabet)
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Ids of `text`'s characters, optionally wrapped in bos/eos. Unknown characters raise ValueError."""
+        ids = []
+        for position, ch in enumerate(text):
+            if ch not in self._id_of:
+                raise ValueError(
+                    f"character {ch!r} at position {position} of {text!r} is not in the tokenizer alphabet "
+                    f"{self.alphabet!r}"
+                )
+            ids.append(self._id_of[ch])
+        return [self.bos_id] * add_bos + ids + [self.eos_id] * add_eos
+
+    def decode(self, ids: Iterable[int], stop_at_eos: bool = True) -> str:
+        """Text of `ids`, pad/bos dropped; stops at the first eos unless `stop_at_eos=False`."""
+        chars = []
+        for token in ids:
+            token = int(token)
+            if token == self.eos_id and stop_at_eos:
+                break
+            if token < len(self.SPECIALS):
+                continue
+            if token >= self.vocab_size:
+                raise ValueError(f"token id {token} is outside the vocabulary of size {self.vocab_size}")
+            chars.append(self.alphabet[token - len(self.SPECIALS)])
+        return "".join(chars)
+
+    def pad_batch(
+        self, sequences: Sequence[Sequence[int]], length: int, side: str = "right"
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Pad id lists to `[B, length]` int32 ids and a bool mask (True on real tokens).
+
+        `side="left"` right-aligns the sequences (prompts for generation). A sequence longer than
+        `length` raises ValueError.
+        """
+        if side not in ("left", "right"):
+            raise ValueError(f"pad side must be 'left' or 'right', got {side!r}")
+        ids = np.full((len(sequences), length), self.pad_id, np.int32)
+        mask = np.zeros((len(sequences), length), bool)
+        for row, seq in enumerate(sequences):
+            if len(seq) > length:
+                raise ValueError(f"sequence {row} has {len(seq)} tokens, more than the padded length {length}")
+            start = length - len(seq) if side == "left" else 0
+            ids[row, start : start + len(seq)] = seq
+            mask[row, start : start + len(seq)] = True
+        return ids, mask
 
 
 class TextCodec(Protocol):
@@ -95,25 +159,3 @@ class HFCodec:
 
     def save(self, directory: str | Path) -> None:
         self.tokenizer.save_pretrained(str(directory))
-
-
-def load_codec(directory: str | Path, *, chat_template: bool = False, eos_ids: Sequence[int] = ()) -> TextCodec:
-    """The codec saved beside exported weights: pf_jax's word or char tokenizer, else a transformers one."""
-    directory = Path(directory)
-    from pf_jax.data.word_codec import STYLES, load_word_codec
-
-    for style in STYLES.values():
-        if (directory / style.file).is_file():
-            return load_word_codec(directory / style.file)
-    char_file = directory / CHAR_TOKENIZER_FILE
-    if char_file.is_file():
-        spec = json.loads(char_file.read_text())
-        return CharCodec(CharTokenizer(spec["alphabet"]))
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(directory))
-    except (OSError, ValueError) as error:
-        raise FileNotFoundError(f"no tokenizer in {directory} (expected {CHAR_TOKENIZER_FILE} or a "
-                                f"transformers tokenizer): {error}") from error
-    return HFCodec(tokenizer, chat_template=chat_template, eos_ids=eos_ids)

@@ -1,5 +1,5 @@
-"""Read prompt / preference rows from a synthetic task, a local jsonl / parquet file or a hub dataset,
-and validate them with the configured bad-row policy.
+"""Read rows from a local jsonl / parquet file or a hub dataset, and validate them with the configured
+bad-row policy (the synthetic tasks' rows, by name, are pf_jax.tasks.sources').
 
 Local jsonl is parsed line by line with the standard library rather than through `datasets`' JSON
 builder: that builder infers one type per column and turns a mixed column into JSON-decoded values (the
@@ -13,43 +13,16 @@ from pathlib import Path
 from typing import Any
 
 from pf_jax.config import ConfigError, DataConfig
-from pf_jax.data.arithmetic import arithmetic_task_rows
 from pf_jax.data.rows import RowProblem, ValidatedRows, preference_row_check, prompt_row_check, validate_rows
 
 LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
 
-def _arithmetic_rows(split: str) -> list[dict[str, Any]]:
-    if split not in ("train", "test"):
-        raise ConfigError(f"data.split for the synthetic arithmetic tasks must be 'train' or 'test', got '{split}'")
-    return arithmetic_task_rows(split)
-
-
-SYNTHETIC_SOURCES: dict[str, Callable[[str], list[dict[str, Any]]]] = {
-    "arithmetic": _arithmetic_rows,
-    "arithmetic_noisy": lambda split: arithmetic_task_rows(split, kind="noisy"),
-    "arithmetic_pairs": lambda split: arithmetic_task_rows(split, kind="pairs"),
-    "arithmetic_kto": lambda split: arithmetic_task_rows(split, kind="kto"),
-    "maze_random_walk": lambda split: _maze_random_walk_rows(split),
-}
-
-
-def _maze_random_walk_rows(split: str) -> list[dict[str, Any]]:
-    from pf_jax.data.maze_transcripts import maze_random_walk_rows  # imports the maze env and the sampler
-
-    return maze_random_walk_rows(split)
-
-
-def resolve_format(cfg: DataConfig) -> str:
-    """'synthetic', 'jsonl', 'parquet' or 'hub' for `cfg.source` (by suffix, then registry, then hub)."""
+def file_format(cfg: DataConfig) -> str:
+    """'jsonl', 'parquet' or 'hub' for `cfg.source`: data.format when given, else by suffix, else hub."""
     if cfg.format != "auto":
         return cfg.format
-    suffix = Path(cfg.source).suffix.lower()
-    if suffix in LOCAL_FORMATS:
-        return LOCAL_FORMATS[suffix]
-    if cfg.source in SYNTHETIC_SOURCES:
-        return "synthetic"
-    return "hub"
+    return LOCAL_FORMATS.get(Path(cfg.source).suffix.lower(), "hub")
 
 
 def _json_array_rows(path: str | Path, text: str) -> Iterator[dict[str, Any] | RowProblem]:
@@ -90,13 +63,10 @@ def read_jsonl(path: str | Path) -> Iterator[dict[str, Any] | RowProblem]:
             yield row
 
 
-def read_rows(cfg: DataConfig, cache_dir: str | None = None) -> Any:
-    """The raw rows of the configured source and split (an iterable of dicts / RowProblems)."""
-    kind = resolve_format(cfg)
-    if kind == "synthetic":
-        if cfg.source not in SYNTHETIC_SOURCES:
-            raise ConfigError(f"unknown synthetic data source '{cfg.source}'; known: {sorted(SYNTHETIC_SOURCES)}")
-        return SYNTHETIC_SOURCES[cfg.source](cfg.split)
+def read_file_rows(cfg: DataConfig, cache_dir: str | None = None, *, hub_hint: str = "") -> Any:
+    """The raw rows of a local file or hub dataset source and split (an iterable of dicts / RowProblems).
+    hub_hint: appended to the message of a hub dataset that cannot be loaded."""
+    kind = file_format(cfg)
     if kind == "jsonl":
         return read_jsonl(cfg.source)
     import datasets
@@ -111,24 +81,21 @@ def read_rows(cfg: DataConfig, cache_dir: str | None = None) -> Any:
         return datasets.load_dataset(cfg.source, split=cfg.split, cache_dir=cache_dir)
     except Exception as error:  # datasets raises many kinds (offline, not found, bad split)
         raise ConfigError(
-            f"cannot load hub dataset '{cfg.source}' split '{cfg.split}' (data.source is neither a local "
-            f".jsonl/.parquet file nor a synthetic task {sorted(SYNTHETIC_SOURCES)}): {error}"
+            f"cannot load hub dataset '{cfg.source}' split '{cfg.split}' (data.source is not a local "
+            f".jsonl/.parquet file{hub_hint}): {error}"
         ) from error
 
 
-def load_prompt_rows(
-    cfg: DataConfig, count_tokens: Callable[[str], int] | None = None, cache_dir: str | None = None
-) -> ValidatedRows:
-    """Validated prompt rows {"prompt", "answer"?} of `cfg`, with the skip/stop policy applied."""
+def validated_prompt_rows(raw: Any, cfg: DataConfig, count_tokens: Callable[[str], int] | None = None) -> ValidatedRows:
+    """Prompt rows {"prompt", "answer"?} of the raw rows of `cfg`'s source, with the skip/stop policy applied."""
     check = prompt_row_check(cfg.prompt_field, cfg.answer_field, cfg.max_prompt_tokens, count_tokens)
-    return validate_rows(read_rows(cfg, cache_dir), check, cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")
+    return validate_rows(raw, check, cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")
 
 
-def load_preference_rows(
-    cfg: DataConfig, count_tokens: Callable[[str], int] | None = None, cache_dir: str | None = None
-) -> ValidatedRows:
-    """Validated preference rows {"prompt", "chosen", "rejected"} of `cfg`."""
+def validated_preference_rows(raw: Any, cfg: DataConfig, count_tokens: Callable[[str], int] | None = None
+                              ) -> ValidatedRows:
+    """Preference rows {"prompt", "chosen", "rejected"} of the raw rows of `cfg`'s source."""
     check = preference_row_check(
         cfg.prompt_field, cfg.chosen_field, cfg.rejected_field, cfg.max_prompt_tokens, count_tokens
     )
-    return validate_rows(read_rows(cfg, cache_dir), check, cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")
+    return validate_rows(raw, check, cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")

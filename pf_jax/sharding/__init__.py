@@ -1,9 +1,9 @@
-"""Device meshes, logical-axis sharding rules, multi-host start-up and the dry-run memory planner.
+"""Device meshes, logical-axis sharding rules and multi-host start-up (the recipe's `mesh` section is
+pf_jax.config.mesh; the dry-run memory planner is pf_jax.planning).
 
     mesh.py         MeshConfig, make_mesh, logical_to_spec, state/optimizer/batch/KV-cache shardings,
                     shard_train_step, transfer between layouts, constrain (activation layout)
     distributed.py  initialize_distributed (explicit PF_* env, SLURM, TPU VM), is_primary
-    memory_plan.py  plan_memory / format_plan: per-device bytes built with jax.eval_shape
 """
 
 from pf_jax.sharding.distributed import (

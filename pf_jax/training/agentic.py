@@ -22,10 +22,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pf_jax.config.recipe import EnvSection
 from pf_jax.data.codec import TextCodec
+from pf_jax.data.sequences import SequenceBatch, bucket_length, pack_sequences
 from pf_jax.envs.episodes import Episode
 from pf_jax.envs.protocol import TextEnv
 from pf_jax.envs.rollout import RolloutConfig, run_rollouts
+from pf_jax.envs.sampler_policy import SamplerPolicy
 from pf_jax.rewards.step_advantages import (
     broadcast_to_tokens,
     gigpo_advantages,
@@ -33,9 +36,6 @@ from pf_jax.rewards.step_advantages import (
     rewardflow_advantages,
 )
 from pf_jax.sampling.sampler import GenerationConfig
-from pf_jax.sampling.turn_policy import SamplerPolicy
-from pf_jax.training.batch import SequenceBatch, bucket_length, pack_sequences
-from pf_jax.training.recipe import EnvSection
 
 AGENTIC_METHODS = ("rewardflow", "gigpo", "grpo_episode")
 

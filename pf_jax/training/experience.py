@@ -19,17 +19,17 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.data.codec import TextCodec
+from pf_jax.data.sequences import SequenceBatch, bucket_length, pack_sequences
 from pf_jax.losses import advantages as adv_lib
 from pf_jax.losses import kl_shaped_token_rewards, make_advantage_fn, overlong_penalty
 from pf_jax.models.decoder import Decoder
-from pf_jax.rewards.registry import RewardFn
+from pf_jax.rewards.text_rewards import RewardFn
 from pf_jax.sampling.filters import SamplingParams
 from pf_jax.sampling.sampler import GenerationConfig, generate
-from pf_jax.training.batch import SequenceBatch, bucket_length, pack_sequences
 from pf_jax.training.methods import MethodSpec
 from pf_jax.training.objective import call_with_available, response_logprobs
-from pf_jax.training.recipe import TrainConfig
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "chunk_size", "entropy", "mesh"))
@@ -178,7 +178,7 @@ class ExperienceMaker:
     def from_dataset(self, rows: Sequence[Mapping[str, Any]], params, ref_params) -> tuple[dict, dict]:
         fam = self.spec.family
         if fam == "reward_model":
-            from pf_jax.training.reward_model import classifier_batch
+            from pf_jax.tasks.instructions.reward_model import classifier_batch
 
             return classifier_batch(self.codec, rows, self.cfg.reward_model.max_length), {}
         if fam == "supervised":

@@ -9,13 +9,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pf_jax.data.codec import CharCodec, HFCodec, TextCodec, load_codec
-from pf_jax.data.maze_codec import maze_vocabulary, maze_word_codec
+from pf_jax.config.recipe import ModelSection
+from pf_jax.data.codec import CharCodec, HFCodec, TextCodec
+from pf_jax.data.saved_codec import load_codec
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.hf_io import load_hf_directory
 from pf_jax.models.ops import select_ops
-from pf_jax.training.recipe import ModelSection
+from pf_jax.tasks.maze import maze_vocabulary, maze_word_codec
 
 CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 ARITH_BASE = "arith-base"
@@ -43,7 +44,7 @@ def ensure_built_in_base(name: str, runs_dir: str | Path) -> Path:
     directory = built_in_base_directory(name, runs_dir)
     if not (directory / "config.json").is_file():
         from pf_jax.config import load_config
-        from pf_jax.training.recipe import TrainConfig
+        from pf_jax.config.recipe import TrainConfig
         from pf_jax.training.trainer import train
 
         if not recipe.is_file():
@@ -58,8 +59,8 @@ def _dtype(name: str) -> jnp.dtype:
 
 
 def _instruction_word_codec() -> TextCodec:
-    from pf_jax.data.instruction_rows import instruction_vocabulary_texts
     from pf_jax.data.word_codec import WordCodec, WordTokenizer
+    from pf_jax.tasks.instructions.rows import instruction_vocabulary_texts
 
     return WordCodec(WordTokenizer.from_texts(instruction_vocabulary_texts()))
 

@@ -15,10 +15,10 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import Array
 
+from pf_jax.data.sequences import SequenceBatch
 from pf_jax.losses import clipped_value_loss, entropy_bonus_loss, kto_reference_point, make_loss_fn
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.logprobs import token_logprobs
-from pf_jax.training.batch import SequenceBatch
 from pf_jax.training.methods import MethodSpec
 
 Batch = dict[str, Any]

@@ -8,8 +8,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pf_jax.data.sequences import SequenceBatch
 from pf_jax.losses import self_certainty_from_logits
-from pf_jax.training.batch import SequenceBatch
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "rows_per_chunk"))

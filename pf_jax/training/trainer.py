@@ -23,24 +23,24 @@ from flax import nnx
 
 from pf_jax.config import ConfigError, DataConfig
 from pf_jax.config.loading import config_to_yaml
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.data.codec import TextCodec
-from pf_jax.data.instruction_rows import instruction_source_kind, load_instruction_rows
 from pf_jax.data.iterator import BatchIterator, IteratorState
-from pf_jax.data.loading import load_preference_rows, load_prompt_rows, read_rows
+from pf_jax.data.sequences import SequenceBatch
 from pf_jax.evaluation.scoring import MethodResult, Problem, score_responses
 from pf_jax.losses import get_loss_method
 from pf_jax.models.hf_io import export_hf_directory
-from pf_jax.rewards.registry import ANSWER_EXTRACTORS, ARITHMETIC_CHECKER, build_reward
+from pf_jax.tasks.arithmetic import ARITHMETIC_CHECKER
+from pf_jax.tasks.instructions.rows import curriculum_batches, instruction_source_kind, load_instruction_rows
+from pf_jax.tasks.rewards import ANSWER_EXTRACTORS, build_reward
+from pf_jax.tasks.sources import load_preference_rows, load_prompt_rows, read_rows
 from pf_jax.training.agentic import AgenticExperience, agentic_task_rows
-from pf_jax.training.batch import SequenceBatch
 from pf_jax.training.checkpoint import Checkpointer, StopSignal
 from pf_jax.training.experience import ExperienceMaker, generation_config, sample_responses
-from pf_jax.training.instruction_source import curriculum_batches
 from pf_jax.training.methods import MethodSpec, method_spec
 from pf_jax.training.metrics import MetricsLogger
 from pf_jax.training.model_source import load_policy
 from pf_jax.training.placement import MeshPlacement
-from pf_jax.training.recipe import TrainConfig
 from pf_jax.training.step import TrainState
 from pf_jax.training.update import build_update
 
@@ -79,7 +79,7 @@ def load_training_rows(cfg: TrainConfig, spec: MethodSpec, codec: TextCodec) -> 
     """Validated rows for the method: prompts (+ reference answers), SFT pairs, preference pairs, KTO rows."""
     count = lambda text: len(codec.encode_prompt(text))
     if spec.family == "reward_model":
-        from pf_jax.training.reward_model import load_classifier_rows
+        from pf_jax.tasks.instructions.reward_model import load_classifier_rows
 
         return load_classifier_rows(cfg.data, cfg.reward_model.synthetic_examples)
     if instruction_source_kind(cfg.data) is not None:
@@ -221,7 +221,7 @@ class Trainer:
     def evaluate(self, name: str, policy_params: nnx.State, *, key: jax.Array) -> MethodResult | None:
         cfg = self.cfg
         if cfg.reward.name == "instructions" and cfg.eval.enabled and instruction_source_kind(cfg.data):
-            from pf_jax.training.instruction_eval import evaluate_instruction_reward
+            from pf_jax.tasks.instructions.evaluation import evaluate_instruction_reward
 
             self.instruction_eval[name] = evaluate_instruction_reward(self, name, policy_params, key=key)
             return None
@@ -325,7 +325,7 @@ class Trainer:
             if cfg.export:
                 result.export_dir = self.export()
             if self.spec.family == "reward_model":
-                from pf_jax.training.reward_model import evaluate_classifier
+                from pf_jax.tasks.instructions.reward_model import evaluate_classifier
 
                 result.summary["classifier_eval"] = evaluate_classifier(self)
             final = self.evaluate(cfg.method.name, self.state.params["policy"], key=eval_key)
@@ -358,7 +358,7 @@ class Trainer:
     def export(self) -> Path:
         directory = self.run_dir / "export"
         if self.spec.family == "reward_model":
-            from pf_jax.training.reward_model import export_classifier
+            from pf_jax.tasks.instructions.reward_model import export_classifier
 
             return export_classifier(self, directory)
         model = nnx.merge(self.graphdefs["policy"], self.sampler_view(self.state.params["policy"]))

@@ -2,7 +2,7 @@
 the optimizer and the (not yet jitted) step function.
 
 One builder for the two users that must agree: Trainer.__init__ runs it on the loaded policy, and the
-compiled dry run (pf_jax.training.compiled_plan) on an abstract one (nnx.eval_shape) to compile the very
+compiled dry run (pf_jax.planning.compiled_plan) on an abstract one (nnx.eval_shape) to compile the very
 step the run would execute for a TPU topology.
 """
 
@@ -18,13 +18,13 @@ import optax
 from flax import nnx
 
 from pf_jax.config import ConfigError
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.losses import get_loss_method
 from pf_jax.models.heads import LogPartitionHead, ValueHead
-from pf_jax.rewards.constraint_classifier import ConstraintClassifierHead
+from pf_jax.tasks.instructions.classifier import ConstraintClassifierHead
 from pf_jax.training.methods import MethodSpec
 from pf_jax.training.objective import LossFn, bind_loss, build_loss_fn
 from pf_jax.training.optimizer import build_optimizer
-from pf_jax.training.recipe import TrainConfig
 from pf_jax.training.step import TrainState, make_train_step
 
 StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
@@ -75,7 +75,7 @@ def recipe_loss_fn(cfg: TrainConfig, spec: MethodSpec) -> LossFn:
     if value_coef is None:
         value_coef = get_loss_method(spec.loss).value_coef
     if spec.family == "reward_model":
-        from pf_jax.training.reward_model import classifier_loss_fn
+        from pf_jax.tasks.instructions.reward_model import classifier_loss_fn
 
         return classifier_loss_fn(loss, freeze_backbone=cfg.reward_model.freeze_backbone)
     return build_loss_fn(spec, loss, chunk_size=cfg.model.logprob_chunk, entropy_coef=cfg.method.entropy_coef,

@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 
 from pf_jax.config import DataConfig
-from pf_jax.data.instruction_rows import load_instruction_rows
+from pf_jax.tasks.instructions.rows import load_instruction_rows
 from pf_jax.training.experience import generation_config, sample_responses
 
 if TYPE_CHECKING:

@@ -6,7 +6,7 @@ IFEval (Zhou et al. 2023, arXiv 2311.07911):
 Strict checks the response as is; loose passes an instruction if any IFEval variant of the response
 passes: the response, it without its first line, last line, or both, and each of those four with
 markdown asterisks removed. Works on any jsonl in IFEval's format (`prompt`, `instruction_id_list`,
-`kwargs`) with the checkers of `pf_jax.rewards.instructions`; the real IFEval comes from the hub when
+`kwargs`) with the checkers of `pf_jax.tasks.instructions.constraints`; the real IFEval comes from the hub when
 online (`load_ifeval_from_hub`).
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 
 from if_verifiable.common import get_loose_transformations
 
-from pf_jax.rewards.instructions import Constraint, check_hard_constraint, validate_kwargs
+from pf_jax.tasks.instructions.constraints import Constraint, check_hard_constraint, validate_kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,7 +129,7 @@ def evaluate_ifeval(rows: Sequence[IFEvalRow], responses: Sequence[str]) -> IFEv
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """`python -m pf_jax.evaluation.ifeval --responses R.jsonl [--data D.jsonl | --hub]`; prints JSON."""
+    """`python -m pf_jax.tasks.instructions.ifeval --responses R.jsonl [--data D.jsonl | --hub]`; prints JSON."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", help="IFEval-format jsonl (prompt, instruction_id_list, kwargs)")
     parser.add_argument("--hub", action="store_true", help="load google/IFEval from the hub")

@@ -10,77 +10,24 @@ so they are listed in INTERNAL_REWARDS and have no text function.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 
-from pf_jax.data.arithmetic import parse_answer
-from pf_jax.evaluation.answer_checkers import AnswerChecker, MathVerifyChecker, PredicateChecker
-
-
-@dataclass
-class RewardOutput:
-    rewards: np.ndarray  # float32 [N]
-    answers: list[str | None]  # the extracted answer of each response (None: no parseable answer)
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-RewardFn = Callable[[Sequence[Mapping[str, Any]], Sequence[str], np.ndarray], RewardOutput]
-
-
-def _arithmetic_answer(response: str) -> str | None:
-    value = parse_answer(response)
-    return None if value is None else str(value)
-
-
-ARITHMETIC_CHECKER = PredicateChecker(
-    predicate=lambda response, reference: _arithmetic_answer(response) == str(int(reference)),
-    extract_answer=_arithmetic_answer,
-)
-
-
-def checker_reward(checker: AnswerChecker, answer_field: str = "answer") -> RewardFn:
-    """1 for a response the checker accepts against row[answer_field], else 0 (RLVR correctness)."""
-
-    def reward(rows, responses, group_ids):
-        refs = [rows[g][answer_field] for g in group_ids]
-        correct = np.array([checker.is_correct(r, ref) for r, ref in zip(responses, refs)], np.float32)
-        answers = [checker.extract(r) for r in responses]
-        return RewardOutput(correct, answers, {"accuracy": float(correct.mean())})
-
-    return reward
-
-
-def majority_vote_reward(checker: AnswerChecker) -> RewardFn:
-    """TTRL: the most frequent extracted answer of a prompt's samples is its pseudo-label; reward 1 for
-    agreeing with it, 0 otherwise or without an answer. Uses no reference answer at all."""
-
-    def reward(rows, responses, group_ids):
-        answers = [checker.extract(r) for r in responses]
-        rewards = np.zeros(len(responses), np.float32)
-        for g in np.unique(group_ids):
-            idx = np.flatnonzero(group_ids == g)
-            votes = [answers[i] for i in idx if answers[i] is not None]
-            if votes:
-                values, counts = np.unique(votes, return_counts=True)
-                label = values[np.argmax(counts)]
-                rewards[idx] = [answers[i] == label for i in idx]
-        return RewardOutput(rewards, answers, {"majority_agreement": float(rewards.mean())})
-
-    return reward
+from pf_jax.evaluation.answer_checkers import AnswerChecker, MathVerifyChecker
+from pf_jax.rewards.text_rewards import RewardFn, RewardOutput, checker_reward, majority_vote_reward
+from pf_jax.tasks.arithmetic import ARITHMETIC_CHECKER, arithmetic_answer
 
 
 def instruction_reward(scale: float = 1.0, soft_scorer: str | None = None) -> RewardFn:
     """Self-supervised instruction following: scale x mean over the row's constraints of the verifier
-    (hard) or classifier (soft) score (pf_jax.rewards.instruction_reward). `soft_scorer`: the directory of
-    an exported constraint classifier (pf_jax.rewards.constraint_classifier_export)."""
-    from pf_jax.rewards.instruction_reward import InstructionReward
+    (hard) or classifier (soft) score (pf_jax.tasks.instructions.reward). `soft_scorer`: the directory of
+    an exported constraint classifier (pf_jax.tasks.instructions.classifier_files)."""
+    from pf_jax.tasks.instructions.reward import InstructionReward
 
     soft = None
     if soft_scorer is not None:
-        from pf_jax.rewards.constraint_classifier_export import load_soft_scorer
+        from pf_jax.tasks.instructions.classifier_files import load_soft_scorer
 
         soft = load_soft_scorer(soft_scorer)
     scorer = InstructionReward(scale=scale, soft_scorer=soft)
@@ -111,7 +58,7 @@ def _math_answer(response: str) -> str | None:
 
 
 ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
-    "arithmetic": _arithmetic_answer, "majority_vote": _arithmetic_answer,
+    "arithmetic": arithmetic_answer, "majority_vote": arithmetic_answer,
     "math": _math_answer, "majority_vote_math": _math_answer,
 }
 

@@ -2,7 +2,7 @@
 
 Self-supervised IF (arXiv 2510.14420): input "Response: {r}. Constraint: {c}", a backbone's hidden states,
 mean pooling over the valid tokens, an MLP, one logit; trained on curriculum pseudo-labels
-(`pf_jax.data.constraint_pseudo_labels`) by the trainer's `reward_model` recipe. `make_soft_scorer` turns
+(`pf_jax.tasks.instructions.pseudo_labels`) by the trainer's `reward_model` recipe. `make_soft_scorer` turns
 backbone + head into the soft scorer that `InstructionReward` calls.
 """
 

@@ -17,8 +17,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pf_jax.training.compiled_plan import CompiledPlan, ProgramPlan
-from pf_jax.training.recipe import TrainConfig
+from pf_jax.config.recipe import TrainConfig
+from pf_jax.planning.compiled_plan import CompiledPlan, ProgramPlan
 
 ANALYTIC_ROWS = {"parameters": "policy parameters", "optimizer state": "optimizer state",
                  "reference": "reference model", "sampler policy copy": "sampler policy copy", "KV cache": "KV cache"}

@@ -16,7 +16,7 @@ real run uses (pf_jax.sharding.mesh), so the numbers are the sizes of the shards
                         XLA_FLAGS=--xla_force_host_platform_device_count=64); else "not reported"
 
 `plan_memory(...) -> MemoryPlan` and `format_plan(plan) -> str` are what `python -m pf_jax.train
---dry-run` prints; `python -m pf_jax.sharding.memory_plan --model config.json --mesh 1,64,1` runs it alone.
+--dry-run` prints; `python -m pf_jax.planning.memory_plan --model config.json --mesh 1,64,1` runs it alone.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def format_plan(plan: MemoryPlan) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m pf_jax.sharding.memory_plan", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m pf_jax.planning.memory_plan", description=__doc__.splitlines()[0])
     ap.add_argument("--model", required=True, help="HF config.json of the model")
     ap.add_argument("--mesh", default="1,-1,1", help="data,fsdp,tensor (one may be -1)")
     ap.add_argument("--devices", type=int, help="device count that -1 fills (default: this machine's)")
@@ -296,8 +296,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 def dry_run(cfg: Any, **kwargs: Any) -> Any:
     """`python -m pf_jax.train --dry-run [--topology NAME] [--json PATH]`: the recipe's plan, analytic or
-    compiled for a TPU slice (pf_jax.training.dry_run.dry_run, which takes the keyword arguments)."""
-    from pf_jax.training.dry_run import dry_run as recipe_dry_run
+    compiled for a TPU slice (pf_jax.planning.dry_run.dry_run, which takes the keyword arguments)."""
+    from pf_jax.planning.dry_run import dry_run as recipe_dry_run
 
     return recipe_dry_run(cfg, **kwargs)
 

@@ -41,8 +41,11 @@ from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pf_jax.config import ConfigError
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.models.decoder import Decoder
-from pf_jax.sharding.memory_plan import MemoryPlan
+from pf_jax.planning.abstract_batches import RecipeSizes, recipe_sizes, sequence_batch, update_batch
+from pf_jax.planning.dry_run import plan_recipe, recipe_model_config
+from pf_jax.planning.memory_plan import MemoryPlan
 from pf_jax.sharding.mesh import (
     DEFAULT_RULES,
     batch_shardings,
@@ -55,10 +58,7 @@ from pf_jax.sharding.mesh import (
     train_state_shardings,
 )
 from pf_jax.sharding.topology import Topology, tpu_topology
-from pf_jax.training.abstract_batches import RecipeSizes, recipe_sizes, sequence_batch, update_batch
-from pf_jax.training.dry_run import plan_recipe, recipe_model_config
 from pf_jax.training.methods import MethodSpec, method_spec
-from pf_jax.training.recipe import TrainConfig
 from pf_jax.training.step import TrainState
 from pf_jax.training.update import RecipeUpdate, build_update
 

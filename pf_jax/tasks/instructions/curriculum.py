@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pf_jax.rewards.instructions import Constraint, constraint_from_dict, describe_constraint
+from pf_jax.tasks.instructions.constraints import Constraint, constraint_from_dict, describe_constraint
 
 
 @dataclasses.dataclass(frozen=True)

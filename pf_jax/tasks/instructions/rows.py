@@ -2,7 +2,7 @@
 
 Sources (`data.source`):
 - `instructions_synthetic` / `instructions_synthetic_hard`: the synthetic multi-constraint instructions of
-  `pf_jax.data.synthetic_soft_constraints` (hard + soft constraints / hard ones only);
+  `pf_jax.tasks.instructions.soft_constraints` (hard + soft constraints / hard ones only);
 - a `.jsonl` of multi-constraint instructions in the curriculum's format
   (`{"id"?, "task", "constraints": [{"id", "kwargs"} | {"text"}]}`), decomposed into levels 1..k;
 - a `.jsonl` in IFEval's format (`prompt`, `instruction_id_list`, `kwargs`): rows as they are, no levels.
@@ -21,7 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from pf_jax.config import ConfigError, DataConfig
-from pf_jax.data.instruction_curriculum import (
+from pf_jax.config.recipe import TrainConfig
+from pf_jax.data.iterator import IteratorState
+from pf_jax.data.loading import read_jsonl
+from pf_jax.data.rows import RowProblem, check_text_field, validate_rows
+from pf_jax.tasks.instructions.classifier import format_classifier_input
+from pf_jax.tasks.instructions.constraints import SOFT_CONSTRAINT_ID, Constraint, constraint_type
+from pf_jax.tasks.instructions.curriculum import (
     CurriculumPromptSource,
     CurriculumRow,
     LevelSchedule,
@@ -31,15 +37,10 @@ from pf_jax.data.instruction_curriculum import (
     linear_level_ramp,
     uniform_levels,
 )
-from pf_jax.data.iterator import IteratorState
-from pf_jax.data.loading import read_jsonl
-from pf_jax.data.rows import RowProblem, check_text_field, validate_rows
-from pf_jax.data.synthetic_soft_constraints import (
+from pf_jax.tasks.instructions.soft_constraints import (
     SOFT_CONSTRAINTS,
     synthetic_multi_constraint_instructions,
 )
-from pf_jax.rewards.constraint_classifier import format_classifier_input
-from pf_jax.rewards.instructions import SOFT_CONSTRAINT_ID, Constraint, constraint_type
 
 SYNTHETIC_INSTRUCTION_SOURCES = ("instructions_synthetic", "instructions_synthetic_hard")
 
@@ -206,3 +207,16 @@ def write_jsonl(rows: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     path = Path(path)
     path.write_text("".join(json.dumps(dict(r)) + "\n" for r in rows))
     return path
+
+
+def curriculum_batches(cfg: TrainConfig, global_batch_size: int, *, process_index: int = 0,
+                       process_count: int = 1) -> CurriculumBatches | None:
+    """The level-sampling iterator for a synthetic or curriculum-jsonl source; None for other sources
+    (an IFEval jsonl has no levels: its rows go through the ordinary BatchIterator)."""
+    if instruction_source_kind(cfg.data) not in ("synthetic", "curriculum_jsonl"):
+        return None
+    c = cfg.curriculum
+    instructions = load_curriculum_instructions(cfg.data, c.synthetic_instructions)
+    source = CurriculumPromptSource(instructions, level_schedule(c.schedule, c.start_level, c.end_level, c.ramp_steps),
+                                    seed=cfg.data.shuffle_seed if c.seed is None else c.seed)
+    return CurriculumBatches(source, global_batch_size, process_index=process_index, process_count=process_count)

@@ -20,8 +20,8 @@ from typing import Any
 import langdetect
 import numpy as np
 
-from pf_jax.rewards.constraint_classifier import SoftScorer
-from pf_jax.rewards.instructions import (
+from pf_jax.tasks.instructions.classifier import SoftScorer
+from pf_jax.tasks.instructions.constraints import (
     Constraint,
     MalformedKwargsError,
     UnknownConstraintError,

@@ -1,6 +1,6 @@
 """Synthetic soft constraints with generators of adhering and non-adhering responses.
 
-For testing the constraint classifier (`pf_jax.rewards.constraint_classifier`) without a model hub: each
+For testing the constraint classifier (`pf_jax.tasks.instructions.classifier`) without a model hub: each
 soft constraint ("respond in a cheerful tone", "mention an animal", ...) has trait words that make a
 response adhere and neutral words that fill the same template slot otherwise, so adhering and
 non-adhering responses share templates and length and differ only in the trait. Topics are split into
@@ -15,9 +15,9 @@ from typing import Literal
 
 import numpy as np
 
-from pf_jax.data.instruction_curriculum import MultiConstraintInstruction
-from pf_jax.rewards.constraint_classifier import format_classifier_input
-from pf_jax.rewards.instructions import Constraint
+from pf_jax.tasks.instructions.classifier import format_classifier_input
+from pf_jax.tasks.instructions.constraints import Constraint
+from pf_jax.tasks.instructions.curriculum import MultiConstraintInstruction
 
 Split = Literal["train", "test"]
 

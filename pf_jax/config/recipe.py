@@ -11,11 +11,43 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
+from pf_jax.config.mesh import MeshConfig
 from pf_jax.config.sections import CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig, Section
-from pf_jax.sharding.mesh import MeshConfig
-from pf_jax.training.instruction_sections import CurriculumSection, RewardModelSection
 
 DType = Literal["float32", "bfloat16"]
+
+
+class CurriculumSection(Section):
+    """How an instruction source's levels are sampled (data.source: instructions_synthetic[_hard] or a
+    curriculum jsonl): an instruction uniformly, then a level uniformly in 1..min(k, max_level(step)).
+
+    schedule: `uniform` (every level always) or `linear` (max_level ramps start_level -> end_level over
+    ramp_steps steps). synthetic_instructions: how many synthetic instructions a synthetic source makes.
+    seed: of the level sampling (None: data.shuffle_seed).
+    """
+
+    schedule: Literal["uniform", "linear"] = "uniform"
+    start_level: int = Field(1, ge=1)
+    end_level: int = Field(4, ge=1)
+    ramp_steps: int = Field(100, ge=1)
+    synthetic_instructions: int = Field(64, ge=1)
+    seed: int | None = None
+
+
+class RewardModelSection(Section):
+    """The constraint classifier trained by `method.name: reward_model` (backbone = the recipe's model).
+
+    mlp_dim: width of ConstraintClassifierHead's hidden layer. freeze_backbone: train the head only.
+    max_length: classifier inputs are cut to this many tokens. synthetic_examples: rows per soft constraint
+    of the synthetic source `soft_constraints_synthetic` (the test split has held-out topics).
+    eval_examples: held-out rows scored after training (accuracy in the run summary); 0 disables.
+    """
+
+    mlp_dim: int = Field(128, ge=1)
+    freeze_backbone: bool = False
+    max_length: int = Field(128, ge=4)
+    synthetic_examples: int = Field(512, ge=2)
+    eval_examples: int = Field(200, ge=0)
 
 
 class TinyModelConfig(Section):
@@ -30,7 +62,7 @@ class TinyModelConfig(Section):
     head_dim: int = Field(32, ge=2)
     init_seed: int = 0
     # char: the arithmetic characters; words: pf_jax.data.word_codec over the instruction tasks' vocabulary;
-    # maze-words: the lower-casing word codec over the maze's vocabulary (pf_jax.data.maze_codec)
+    # maze-words: the lower-casing word codec over the maze's vocabulary (pf_jax.tasks.maze)
     tokenizer: Literal["char", "words", "maze-words"] = "char"
 
 
@@ -99,7 +131,7 @@ class MethodSection(Section):
 
 
 class RewardSection(Section):
-    """What scores a response (where the method uses a reward): see pf_jax.rewards.registry.REWARDS.
+    """What scores a response (where the method uses a reward): see pf_jax.tasks.rewards.REWARDS.
 
     format_penalty: PowerFlow's psi(y), added to the base log-likelihood target when the response has no
     parseable answer (0 disables it).
@@ -181,7 +213,7 @@ class TrainConfig(Section):
         if spec.needs_reward and self.reward.name is None:
             raise ValueError(
                 f"method {self.method.name!r} needs a reward: set reward.name (one of the rewards in "
-                "pf_jax.rewards.registry.REWARDS)"
+                "pf_jax.tasks.rewards.REWARDS)"
             )
         assert self.method.name in METHODS
         return self

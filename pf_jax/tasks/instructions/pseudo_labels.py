@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pf_jax.data.instruction_curriculum import CurriculumRow
-from pf_jax.rewards.constraint_classifier import format_classifier_input
-from pf_jax.rewards.instructions import Constraint, constraint_type, describe_constraint
+from pf_jax.tasks.instructions.classifier import format_classifier_input
+from pf_jax.tasks.instructions.constraints import Constraint, constraint_type, describe_constraint
+from pf_jax.tasks.instructions.curriculum import CurriculumRow
 
 
 @dataclasses.dataclass(frozen=True)

@@ -21,20 +21,20 @@ from flax import nnx
 
 from pf_jax.config import ConfigError, DataConfig
 from pf_jax.data.codec import TextCodec
-from pf_jax.data.constraint_pseudo_labels import PseudoLabel
 from pf_jax.data.loading import read_jsonl
 from pf_jax.data.rows import RowProblem, check_text_field, validate_rows
-from pf_jax.data.synthetic_soft_constraints import SOFT_CONSTRAINTS, synthetic_soft_examples
-from pf_jax.rewards.constraint_classifier import format_classifier_input, make_soft_scorer
-from pf_jax.rewards.constraint_classifier_export import (
+from pf_jax.tasks.instructions.classifier import format_classifier_input, make_soft_scorer
+from pf_jax.tasks.instructions.classifier_files import (
     backbone_hidden,
     encode_classifier_texts,
     save_constraint_classifier,
     text_encoder,
 )
+from pf_jax.tasks.instructions.pseudo_labels import PseudoLabel
+from pf_jax.tasks.instructions.soft_constraints import SOFT_CONSTRAINTS, synthetic_soft_examples
 
 if TYPE_CHECKING:
-    from pf_jax.training.recipe import TrainConfig
+    from pf_jax.config.recipe import TrainConfig
     from pf_jax.training.trainer import Trainer
 
 SYNTHETIC_CLASSIFIER_SOURCE = "soft_constraints_synthetic"

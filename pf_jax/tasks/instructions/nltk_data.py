@@ -14,7 +14,7 @@ the stopwords corpus. This module looks for them in this order and puts the firs
    (`$PF_JAX_NLTK_DATA`, default `~/.cache/pf_jax/nltk_data`).
 
 Whatever is still missing stays missing: a checker that needs it raises `NltkDataMissingError` naming
-the resource (see `pf_jax.rewards.instructions`), never a silent 0.
+the resource (see `pf_jax.tasks.instructions.constraints`), never a silent 0.
 """
 
 from __future__ import annotations

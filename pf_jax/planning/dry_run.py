@@ -1,5 +1,5 @@
 """`python -m pf_jax.train --config X.yaml --dry-run [mesh.fsdp=64 ...]`: the recipe's per-device memory on
-its mesh, built abstractly (no weights downloaded, no data read) by pf_jax.sharding.memory_plan.
+its mesh, built abstractly (no weights downloaded, no data read) by pf_jax.planning.memory_plan.
 
 What the recipe decides, and how the plan reads it:
     model            the architecture only: `tiny` sizes, the arith-base recipe, a local HF / export
@@ -21,7 +21,7 @@ What the recipe decides, and how the plan reads it:
 The compiled step's temporary memory is reported when this process sees at least the mesh's device count
 (e.g. XLA_FLAGS=--xla_force_host_platform_device_count=64 JAX_PLATFORMS=cpu).
 With `--topology v5p:4x4x4` every program the recipe runs (train step, scoring passes, sampler prefill and
-decode) is compiled by XLA's TPU compiler for that slice instead, on this host (pf_jax.training.compiled_plan).
+decode) is compiled by XLA's TPU compiler for that slice instead, on this host (pf_jax.planning.compiled_plan).
 """
 
 from __future__ import annotations
@@ -37,9 +37,10 @@ import jax
 import jax.numpy as jnp
 
 from pf_jax.config import ConfigError
+from pf_jax.config.recipe import ModelSection, TrainConfig
 from pf_jax.models.config import ModelConfig
+from pf_jax.planning.memory_plan import MemoryPlan, format_plan, plan_memory
 from pf_jax.sampling.prompts import bucket_length
-from pf_jax.sharding.memory_plan import MemoryPlan, format_plan, plan_memory
 from pf_jax.training.methods import method_spec
 from pf_jax.training.model_source import (
     BUILT_IN_BASES,
@@ -47,10 +48,9 @@ from pf_jax.training.model_source import (
     built_in_base_directory,
     tiny_model_config,
 )
-from pf_jax.training.recipe import ModelSection, TrainConfig
 
 if TYPE_CHECKING:
-    from pf_jax.training.compiled_plan import CompiledPlan
+    from pf_jax.planning.compiled_plan import CompiledPlan
 
 MODEL_CONFIGS_DIR = CONFIGS_DIR / "models"
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
@@ -102,7 +102,7 @@ def recipe_model_config(section: ModelSection, *, runs_dir: str | Path = "runs")
 def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None,
                 compile_step: bool = True) -> tuple[MemoryPlan, str]:
     """(memory plan of the recipe on its mesh, one line naming the sizes assumed). compile_step: compile the
-    generic NLL step on this process's devices when it has enough (see pf_jax.sharding.memory_plan)."""
+    generic NLL step on this process's devices when it has enough (see pf_jax.planning.memory_plan)."""
     from pf_jax.training.trainer import _freezes_policy, _needs_reference, _uses_samples
 
     spec = method_spec(cfg.method.name)
@@ -146,13 +146,13 @@ def dry_run(cfg: TrainConfig, *, device_count: int | None = None, echo: Callable
             topology: str | None = None, json_path: str | Path | None = None) -> MemoryPlan | CompiledPlan:
     """Print the recipe's per-device memory table and fit verdicts; returns the plan. With `topology` (a TPU
     slice such as v5p:4x4x4) every program of the recipe is compiled for it instead
-    (pf_jax.training.compiled_plan), and `json_path` receives the compiled plan as JSON."""
+    (pf_jax.planning.compiled_plan), and `json_path` receives the compiled plan as JSON."""
     if topology is None:
         plan, note = plan_recipe(cfg, device_count=device_count)
         echo(format_plan(plan) + note)
         return plan
-    from pf_jax.training.compiled_plan import compile_recipe
-    from pf_jax.training.compiled_report import format_compiled_plan, write_json
+    from pf_jax.planning.compiled_plan import compile_recipe
+    from pf_jax.planning.compiled_report import format_compiled_plan, write_json
 
     compiled = compile_recipe(cfg, topology)
     echo(format_compiled_plan(compiled, cfg))

@@ -18,10 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from pf_jax.config import ConfigError
-from pf_jax.training.batch import SequenceBatch, bucket_length
+from pf_jax.config.recipe import TrainConfig
+from pf_jax.data.sequences import SequenceBatch, bucket_length
 from pf_jax.training.experience import compute_advantages, last_token_rewards
 from pf_jax.training.methods import MethodSpec
-from pf_jax.training.recipe import TrainConfig
 
 SDS = jax.ShapeDtypeStruct
 
@@ -85,7 +85,7 @@ def update_batch(cfg: TrainConfig, spec: MethodSpec, sizes: RecipeSizes, *, refe
     B, R = sizes.update_rows, sizes.response_len
     f32 = lambda *shape: SDS(shape, jnp.float32)
     if spec.family == "reward_model":
-        from pf_jax.rewards.constraint_classifier_export import classifier_length_bucket
+        from pf_jax.tasks.instructions.classifier_files import classifier_length_bucket
 
         T = classifier_length_bucket(cfg.reward_model.max_length, cfg.reward_model.max_length)
         return {"tokens": SDS((B, T), jnp.int32), "mask": SDS((B, T), jnp.bool_), "labels": f32(B)}

@@ -3,7 +3,7 @@
 A hard constraint type is an IFEval / IFBench checker of PyPI `if-verifiable` plus a kwargs schema (the
 checkers themselves fill a missing kwarg with a *random* value, so kwargs are validated here first).
 A soft constraint is natural-language text ("respond in a cheerful tone"); its score comes from a soft
-scorer (see `pf_jax.rewards.constraint_classifier`). Papers: IFEval (Zhou et al. 2023, arXiv 2311.07911),
+scorer (see `pf_jax.tasks.instructions.classifier`). Papers: IFEval (Zhou et al. 2023, arXiv 2311.07911),
 IFBench (Pyatkin et al. 2025, arXiv 2507.02833), self-supervised IF (arXiv 2510.14420).
 """
 
@@ -14,7 +14,7 @@ import difflib
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pf_jax.rewards.nltk_offline_data import (
+from pf_jax.tasks.instructions.nltk_data import (
     NltkDataMissingError,
     ensure_nltk_offline_data,
     nltk_downloads_disabled,

@@ -3,7 +3,7 @@ arXiv 2510.14420, Sec. 3.2): sample responses to every level 0..k of each instru
 bare task), then label soft constraint c_j positive on level-j responses and negative on level-(j-1)
 ones (`build_pseudo_labels`). The rows feed `method.name: reward_model` as a jsonl.
 
-    python -m pf_jax.training.pseudo_label_collection --config X.yaml --out labels.jsonl [k=v ...]
+    python -m pf_jax.pseudo_labels --config X.yaml --out labels.jsonl [k=v ...]
 
 uses the recipe's model, data (a curriculum source), rollout settings and seed.
 """
@@ -17,11 +17,11 @@ from pathlib import Path
 import jax
 
 from pf_jax.data.codec import TextCodec
-from pf_jax.data.constraint_pseudo_labels import PseudoLabel, build_pseudo_labels
-from pf_jax.data.instruction_curriculum import MultiConstraintInstruction, build_levels
-from pf_jax.data.instruction_rows import write_jsonl
 from pf_jax.models.decoder import Decoder
 from pf_jax.sampling.sampler import GenerationConfig
+from pf_jax.tasks.instructions.curriculum import MultiConstraintInstruction, build_levels
+from pf_jax.tasks.instructions.pseudo_labels import PseudoLabel, build_pseudo_labels
+from pf_jax.tasks.instructions.rows import write_jsonl
 from pf_jax.training.experience import sample_responses
 
 
@@ -41,11 +41,11 @@ def collect_pseudo_labels(model: Decoder, codec: TextCodec, instructions: Sequen
 
 def main(argv: Sequence[str] | None = None) -> Path:
     from pf_jax.config import load_config
-    from pf_jax.data.instruction_rows import load_curriculum_instructions
+    from pf_jax.config.recipe import TrainConfig
+    from pf_jax.tasks.instructions.reward_model import pseudo_label_rows
+    from pf_jax.tasks.instructions.rows import load_curriculum_instructions
     from pf_jax.training.experience import generation_config
     from pf_jax.training.model_source import load_policy
-    from pf_jax.training.recipe import TrainConfig
-    from pf_jax.training.reward_model import pseudo_label_rows
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default=None)

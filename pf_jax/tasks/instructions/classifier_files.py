@@ -23,10 +23,11 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from pf_jax.data.codec import TextCodec, load_codec
+from pf_jax.data.codec import TextCodec
+from pf_jax.data.saved_codec import load_codec
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.hf_io import export_hf_directory, load_hf_directory
-from pf_jax.rewards.constraint_classifier import (
+from pf_jax.tasks.instructions.classifier import (
     ConstraintClassifierHead,
     SoftScorer,
     TextEncoder,
