@@ -29,7 +29,7 @@ def step_times(method_overrides: list[str], base: list[str], steps: int) -> list
     times = []
     for step in range(steps):
         t0 = time.perf_counter()
-        rows = trainer.iterator.next_batch()
+        rows = trainer.prompts.next_batch()
         batch, _ = trainer.make_batch(rows, step)
         trainer.update(batch, step)
         times.append(time.perf_counter() - t0)

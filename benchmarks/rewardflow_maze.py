@@ -24,18 +24,18 @@ import numpy as np
 
 from pf_jax.config import load_config
 from pf_jax.config.recipe import TrainConfig
-from pf_jax.training.agentic import agentic_task_rows, episode_metrics
+from pf_jax.methods.env_rollouts import episode_metrics, task_pool_rows
 from pf_jax.training.trainer import Trainer
 
 CONFIGS = {"RewardFlow": "configs/rewardflow/maze.yaml", "GRPO (episode)": "configs/rewardflow/maze_grpo.yaml"}
 
 
 def evaluate(trainer: Trainer, episodes_per_task: int, key: jax.Array) -> float:
-    rows = agentic_task_rows(trainer.cfg.env)
+    rows = task_pool_rows(trainer.cfg.env)
     group = trainer.cfg.env.group_size
     wins = []
     for k in range(max(1, episodes_per_task // group)):
-        episodes = trainer.agentic.rollouts(rows, trainer.state.params["policy"], jax.random.fold_in(key, k))
+        episodes = trainer.responses.rollouts(rows, trainer.graphdefs["policy"], trainer.state.params["policy"], jax.random.fold_in(key, k))
         wins.append(episode_metrics(episodes)["success_rate"])
     return float(np.mean(wins))
 
@@ -49,7 +49,7 @@ def run_one(config: str, seed: int, steps: int, eval_every: int, eval_episodes: 
     train_success, seconds = [], []
     for step in range(steps):
         t0 = time.perf_counter()
-        batch, info = trainer.make_batch(trainer.iterator.next_batch(), step)
+        batch, info = trainer.make_batch(trainer.prompts.next_batch(), step)
         trainer.update(batch, step)
         seconds.append(time.perf_counter() - t0)
         train_success.append(info["success_rate"])

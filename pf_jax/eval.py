@@ -134,6 +134,7 @@ def generate_results(args: argparse.Namespace, problems: Sequence[Problem], chec
     )
     from pf_jax.evaluation.scoring import evaluate_method
     from pf_jax.models.decoder import with_layer_layout
+    from pf_jax.training.bases import prepare_model
     from pf_jax.training.model_source import load_policy
 
     methods = [parse_sampling_method(m) for m in args.methods]
@@ -147,8 +148,9 @@ def generate_results(args: argparse.Namespace, problems: Sequence[Problem], chec
     key = jax.random.key(args.seed)
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
         for label, spec in entries:
-            model, codec = load_policy(ModelSection(name=spec, dtype=args.dtype, chat_template=args.chat_template),
-                                       runs_dir=args.runs_dir)
+            section = ModelSection(name=spec, dtype=args.dtype, chat_template=args.chat_template)
+            prepare_model(section, args.runs_dir)
+            model, codec = load_policy(section, runs_dir=args.runs_dir)
             if jax.default_backend() == "cpu" and model.scan_layers and model.cfg.num_layers > 1:
                 model = with_layer_layout(model, scan_layers=False)  # faster CPU decode (see models.decoder)
             stops = stop_token_ids_for(codec, args.stop or [])

@@ -19,32 +19,27 @@ import jax
 from pf_jax.data.codec import TextCodec
 from pf_jax.models.decoder import Decoder
 from pf_jax.sampling.sampler import GenerationConfig
+from pf_jax.sampling.texts import sample_texts
 from pf_jax.tasks.instructions.curriculum import MultiConstraintInstruction, build_levels
 from pf_jax.tasks.instructions.pseudo_labels import PseudoLabel, build_pseudo_labels
 from pf_jax.tasks.instructions.rows import write_jsonl
-from pf_jax.training.experience import sample_responses
 
 
 def collect_pseudo_labels(model: Decoder, codec: TextCodec, instructions: Sequence[MultiConstraintInstruction],
                           samples: int, key: jax.Array, gen: GenerationConfig, chunk: int = 32) -> list[PseudoLabel]:
     """`samples` responses of `model` to each level 0..k of each instruction -> soft-constraint pseudo-labels."""
     rows = [r for ins in instructions for r in build_levels(ins, include_base=True)]
-    answered, responses = [], []
-    for start in range(0, len(rows), chunk):
-        part = rows[start:start + chunk]
-        _, _, texts, groups = sample_responses(model, codec, [r.prompt for r in part], samples,
-                                               jax.random.fold_in(key, start), gen)
-        answered += [part[int(g)] for g in groups]
-        responses += texts
-    return build_pseudo_labels(answered, responses, soft_only=True)
+    responses, index = sample_texts(model, codec, [r.prompt for r in rows], samples, key, gen, chunk=chunk)
+    return build_pseudo_labels([rows[int(i)] for i in index], responses, soft_only=True)
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     from pf_jax.config import load_config
     from pf_jax.config.recipe import TrainConfig
+    from pf_jax.sampling.texts import generation_config
     from pf_jax.tasks.instructions.reward_model import pseudo_label_rows
     from pf_jax.tasks.instructions.rows import load_curriculum_instructions
-    from pf_jax.training.experience import generation_config
+    from pf_jax.training.bases import prepare_model
     from pf_jax.training.model_source import load_policy
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -53,10 +48,11 @@ def main(argv: Sequence[str] | None = None) -> Path:
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     cfg = load_config(TrainConfig, args.config, args.overrides)
+    prepare_model(cfg.model, cfg.logging.runs_dir)
     model, codec = load_policy(cfg.model, runs_dir=cfg.logging.runs_dir)
     instructions = load_curriculum_instructions(cfg.data, cfg.curriculum.synthetic_instructions)
     labels = collect_pseudo_labels(model, codec, instructions, cfg.rollout.samples_per_prompt,
-                                   jax.random.key(cfg.seed), generation_config(cfg, codec))
+                                   jax.random.key(cfg.seed), generation_config(cfg.rollout, codec))
     path = write_jsonl(pseudo_label_rows(labels), args.out)
     positives = sum(pl.label for pl in labels)
     print(f"[pf_jax] {len(labels)} pseudo-labels ({positives} positive) from {len(instructions)} instructions -> {path}")

@@ -44,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
     from pf_jax.config.recipe import TrainConfig
+    from pf_jax.methods.compose import compose
 
     try:
         topology, argv = take_option(argv, "--topology")
@@ -58,8 +59,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             prepare_libtpu_environment(topology)
         path, overrides = parse_cli_args(argv)
         cfg = load_config(TrainConfig, path or DEFAULT_RECIPE, overrides)
+        compose(cfg)  # the recipe against its method (a key it cannot take, a missing reward) before weights load
         if dry_run:
-            from pf_jax.planning.memory_plan import dry_run as plan
+            from pf_jax.planning.dry_run import dry_run as plan
 
             plan(cfg, topology=topology, json_path=json_path)
             return 0
@@ -68,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     from pf_jax.envs.sampler_policy import PromptTooLongError
     from pf_jax.training.checkpoint import CheckpointMismatchError
-    from pf_jax.training.trainer import train
+    from pf_jax.training.run import train
 
     try:
         result = train(cfg)

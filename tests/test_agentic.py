@@ -12,14 +12,14 @@ from pf_jax.data.sequences import pack_sequences
 from pf_jax.envs.maze import MazeEnv
 from pf_jax.envs.rollout import RolloutConfig, TurnRequest, build_messages
 from pf_jax.envs.sampler_policy import PromptTooLongError, SamplerPolicy, encode_messages, render_plain
+from pf_jax.methods.env_rollouts import pack_step_rows
+from pf_jax.methods.scoring import response_logprobs
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.rewards.step_advantages import gigpo_advantages, grpo_episode_advantages, rewardflow_advantages
 from pf_jax.sampling import sampler as sampler_module
 from pf_jax.sampling.sampler import GenerationConfig
 from pf_jax.tasks.maze import maze_vocabulary, maze_word_codec, split_words
-from pf_jax.training.agentic import pack_step_rows
-from pf_jax.training.objective import response_logprobs
 from pf_jax.training.trainer import Trainer
 
 CODEC = maze_word_codec(maze_vocabulary())
@@ -128,17 +128,17 @@ def _trainer(tmp_path, method, *extra):
 ])
 def test_batch_rows_are_the_turns_with_the_step_advantages(tmp_path, method, expected):
     trainer = _trainer(tmp_path, method, "env.gamma=0.8", "env.invalid_penalty=0.2", "env.step_weight=0.5")
-    assert trainer.ref_params is not None  # default KL 0.01 (k3) to the initial policy
-    rows = trainer.iterator.next_batch()
+    assert trainer.reference is not None  # default KL 0.01 (k3) to the initial policy
+    rows = trainer.prompts.next_batch()
     batch, metrics = trainer.make_batch(rows, 0)
-    episodes = trainer.agentic.last_episodes
+    episodes = trainer.responses.last_episodes
     steps = [s for e in episodes for s in e.steps]
-    S, seq = len(steps), batch["seq"]
+    S, seq = len(steps), batch.seq
     assert len(episodes) == 2 * 3 and {e.group_id for e in episodes} == {0, 1}
     assert seq.prompt_tokens.shape[0] == max(8, 1 << (S - 1).bit_length())
     want = expected(episodes, trainer.cfg.env)
     mask = np.asarray(seq.response_mask)
-    adv = np.asarray(batch["advantages"])
+    adv = np.asarray(batch.advantages)
     np.testing.assert_allclose(adv, (np.pad(want, (0, mask.shape[0] - S))[:, None] * mask).astype(np.float32),
                                rtol=1e-6)
     assert not mask[S:].any()
@@ -148,9 +148,9 @@ def test_batch_rows_are_the_turns_with_the_step_advantages(tmp_path, method, exp
         real_prompt = np.asarray(seq.prompt_tokens)[i][np.asarray(seq.prompt_mask)[i]]
         np.testing.assert_array_equal(real_prompt, s.prompt_tokens)
     # old_logp = the sampler's log-probs = teacher-forced log-probs under the (not yet updated) policy
-    logp = trainer.experience.scorer.logprobs(trainer.state.params["policy"], seq)
-    np.testing.assert_allclose(np.where(mask, np.asarray(logp), 0.0), np.asarray(batch["old_logp"]), atol=2e-4)
-    np.testing.assert_allclose(np.asarray(batch["ref_logp"]), np.asarray(logp), atol=1e-5)
+    logp = trainer.scorer.logprobs(trainer.state.params["policy"], seq)
+    np.testing.assert_allclose(np.where(mask, np.asarray(logp), 0.0), np.asarray(batch.old_logp), atol=2e-4)
+    np.testing.assert_allclose(np.asarray(batch.ref_logp), np.asarray(logp), atol=1e-5)
     assert metrics["step_rows"] == S and 0.0 <= metrics["success_rate"] <= 1.0
     out = trainer.update(batch, 0)
     assert np.isfinite(out["loss"]) and out["skipped"] == 0
@@ -178,10 +178,10 @@ def test_agentic_run_stops_on_a_turn_prompt_over_data_max_prompt_tokens(tmp_path
 
 def test_agentic_run_trains_and_logs_success(tmp_path):
     trainer = _trainer(tmp_path, "rewardflow", "steps=2", "method.loss={kl_coef: 0.0}", "method.entropy_coef=0.001")
-    assert trainer.ref_params is None
+    assert trainer.reference is None
     result = trainer.run()
     assert result.completed and result.final_step == 2
-    longest = max(s.prompt_tokens.size for e in trainer.agentic.last_episodes for s in e.steps)
+    longest = max(s.prompt_tokens.size for e in trainer.responses.last_episodes for s in e.steps)
     assert result.summary["prompt_tokens_max"]["last"] == longest
     assert "success_rate" in result.summary and np.isfinite(result.summary["loss"]["last"])
 

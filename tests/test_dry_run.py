@@ -4,8 +4,8 @@ import pytest
 
 from pf_jax.config import ConfigError, load_config
 from pf_jax.config.recipe import TrainConfig
-from pf_jax.planning.dry_run import plan_recipe, recipe_model_config
 from pf_jax.planning.memory_plan import GiB
+from pf_jax.planning.recipe_plan import plan_recipe, recipe_model_config
 from pf_jax.train import main
 
 QWEN_7B_RECIPE = "configs/powerflow/qwen2.5-math-7b.yaml"

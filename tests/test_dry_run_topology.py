@@ -16,7 +16,7 @@ from pf_jax.planning.compiled_report import advice, format_compiled_plan, plan_j
 from pf_jax.planning.dry_run import dry_run
 from pf_jax.sharding.topology import GENERATIONS, GiB, parse_topology, tpu_topology
 from pf_jax.train import main
-from pf_jax.training import compiled_plan
+from pf_jax.planning import compiled_plan
 from tests.test_trainer_methods import RECIPES as METHOD_RECIPES
 from tests.test_trainer_methods import TINY as METHOD_TINY
 

@@ -106,8 +106,8 @@ def test_curriculum_drives_grpo_with_the_classifier_soft_score(classifier_run, t
     trainer = _trainer(tmp_path, "grpo", *GRPO, "steps=2", "data.source=instructions_synthetic",
                        f"reward.soft_scorer={rm.export_dir}", "curriculum.schedule=linear",
                        "curriculum.start_level=1", "curriculum.end_level=3", "curriculum.ramp_steps=2")
-    assert isinstance(trainer.iterator, CurriculumBatches)
-    source = trainer.iterator.source
+    assert isinstance(trainer.prompts, CurriculumBatches)
+    source = trainer.prompts.source
     for step, cap in [(0, 1), (1, 2), (2, 3), (50, 3)]:  # linear ramp 1 -> 3 over 2 steps
         levels = [r.level for r in source.batch(step, 64)]
         assert max(levels) == cap and min(levels) == 1
@@ -119,10 +119,10 @@ def test_curriculum_drives_grpo_with_the_classifier_soft_score(classifier_run, t
     assert 0.0 <= s["reward"]["min"] <= s["reward"]["max"] <= 1.0
     assert set(k for k in s if k.startswith("reward/level_")) <= {"reward/level_1", "reward/level_2"}
     # the data position is the step count, and restoring it replays the same prompts
-    assert trainer.iterator.state.position == 2
-    nxt = trainer.iterator.next_batch()
-    trainer.iterator.restore(type(trainer.iterator.state)(0, 2, source.seed, len(source.instructions)))
-    assert trainer.iterator.next_batch() == nxt
+    assert trainer.prompts.state.position == 2
+    nxt = trainer.prompts.next_batch()
+    trainer.prompts.restore(type(trainer.prompts.state)(0, 2, source.seed, len(source.instructions)))
+    assert trainer.prompts.next_batch() == nxt
 
 
 def test_bad_instruction_rows_are_scored_zero_and_counted_in_a_step(tmp_path):

@@ -16,10 +16,9 @@ from pf_jax.losses import (
     gspo_loss,
     kl_loss,
     kl_shaped_token_rewards,
-    make_advantage_fn,
-    make_loss_fn,
     ppo_clip_loss,
 )
+from pf_jax.methods.registry import make_advantage_fn, make_loss_fn
 
 B, T = 6, 7
 GROUPS = np.array([0, 0, 0, 1, 1, 1])

@@ -1,11 +1,22 @@
-"""Aggregation modes, the method registry, and that every registered loss jit-compiles."""
+"""Aggregation modes, the method registry's losses and estimators, and that every method's loss jit-compiles."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pf_jax.losses import LOSS_METHODS, aggregate_loss, get_loss_method, make_advantage_fn, make_loss_fn
+from pf_jax.losses import (
+    aggregate_loss,
+    binary_cross_entropy_loss,
+    cispo_loss,
+    gspo_loss,
+    length_aware_tb_loss,
+    nll_loss,
+    ppo_clip_loss,
+    tb_token_loss,
+    trajectory_balance_loss,
+)
+from pf_jax.methods.registry import METHODS, get_method, make_advantage_fn, make_loss_fn
 
 X = jnp.array([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [0.0, 0.0, 0.0]])
 M = jnp.array([[True, True, True], [True, False, False], [False, False, False]])
@@ -26,7 +37,7 @@ def test_aggregation_modes_hand_computed(mode, expected):
 
 def test_unknown_names_are_errors_with_suggestions():
     with pytest.raises(ValueError, match="did you mean 'grpo'"):
-        get_loss_method("grop")
+        get_method("grop")
     with pytest.raises(ValueError, match="has no argument 'clip_hi'; did you mean 'clip_high'"):
         make_loss_fn("dapo", clip_hi=0.3)
     with pytest.raises(ValueError, match="has no advantage estimator"):
@@ -42,31 +53,31 @@ def _inputs(rng, b=4, t=5):
 def _call(name, rng):
     mask, lp = _inputs(rng)
     fn = make_loss_fn(name)
-    method = get_loss_method(name)
+    method = get_method(name)
     adv = jnp.asarray(rng.normal(size=4))
-    if name in ("ppo", "reinforce_pp", "grpo_process"):
+    if name in ("ppo", "reinforce_pp", "grpo_process") or method.responses == "env":
         adv = jnp.asarray(rng.normal(size=(4, 5)))
-    if method.family == "policy_gradient":
+    if method.loss.fn in (ppo_clip_loss, gspo_loss, cispo_loss):
         kwargs = {"norm_constant": 5.0} if name == "dr_grpo" else {}
-        if method.loss_defaults.get("kl_coef", 0.0):
+        if method.loss.defaults.get("kl_coef", 0.0):
             kwargs["ref_logp"] = lp()
         return jax.jit(lambda a, b: fn(a, b, adv, mask, **kwargs))(lp(), lp())
     if name == "powerflow":
-        return jax.jit(lambda a: fn(a, lp(), lp(), mask, jnp.zeros(4)))(lp())
-    if method.family == "gflownet":
+        return jax.jit(lambda a: fn(a, lp(), lp(), mask, jnp.zeros(4), alpha=4.0))(lp())
+    if method.loss.fn in (trajectory_balance_loss, length_aware_tb_loss, tb_token_loss):
         return jax.jit(lambda a: fn(a, mask, jnp.asarray(rng.normal(size=4)), jnp.zeros(())))(lp())
     if name in ("simpo", "orpo"):
         return jax.jit(lambda a, b: fn(a, b, mask, mask))(lp(), lp())
-    if method.family == "supervised":
+    if method.loss.fn is nll_loss:
         return jax.jit(lambda a: fn(a, mask))(lp())
-    if method.family == "classifier":
+    if method.loss.fn is binary_cross_entropy_loss:
         return jax.jit(lambda z: fn(z, jnp.array([1.0, 0.0, 1.0, 0.0])))(jnp.asarray(rng.normal(size=4)))
     if name == "kto":
         return jax.jit(lambda a: fn(a, lp(), mask, jnp.array([True, False, True, False]), 0.1))(lp())
     return jax.jit(lambda a, b: fn(a, b, lp(), lp(), mask, mask))(lp(), lp())
 
 
-@pytest.mark.parametrize("name", sorted(LOSS_METHODS))
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_every_method_jit_compiles_to_a_finite_scalar_with_scalar_metrics(name):
     loss, metrics = _call(name, np.random.default_rng(0))
     assert loss.shape == () and bool(jnp.isfinite(loss))

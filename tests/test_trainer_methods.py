@@ -8,7 +8,8 @@ import pytest
 
 from pf_jax.config import ConfigError, load_config
 from pf_jax.config.recipe import TrainConfig
-from pf_jax.training.methods import METHODS
+from pf_jax.methods.compose import load_recipe
+from pf_jax.methods.registry import METHODS
 from pf_jax.training.trainer import Trainer
 
 TINY = [
@@ -40,6 +41,7 @@ RECIPES = {
     "gspo": ["reward.name=entropy"],
     "gspo_token": ["reward.name=entropy"],
     "rloo": ["reward.name=entropy"],
+    "cispo": ["reward.name=entropy"],
     "reinforce_pp": ["reward.name=entropy", "method.reward_kl_coef=0.01"],
     "reinforce_pp_baseline": ["reward.name=entropy"],
     "powerflow": ["reward.format_penalty=-0.5"],
@@ -96,12 +98,12 @@ def test_rlif_rewards_drive_grpo(tmp_path, reward):
 
 def test_policy_gradient_without_reward_is_a_config_error():
     with pytest.raises(ConfigError, match="needs a reward"):
-        load_config(TrainConfig, None, ["method.name=grpo"])
+        load_recipe(None, ["method.name=grpo"])
 
 
 def test_unknown_method_names_the_nearest():
     with pytest.raises(ConfigError, match="did you mean 'grpo'"):
-        load_config(TrainConfig, None, ["method.name=grpoo"])
+        load_recipe(None, ["method.name=grpoo"])
 
 
 def test_misspelt_loss_argument_names_the_nearest(tmp_path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from pf_jax.config.mesh import MeshConfig
 from pf_jax.config.sections import CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig, Section
@@ -103,7 +103,7 @@ class RolloutSection(Section):
 class MethodSection(Section):
     """The gradient coefficient and, by default, the response source the method implies.
 
-    name: a method of pf_jax.training.methods.METHODS (sft, rft, online_rft, ppo, grpo, grpo_process,
+    name: a method of pf_jax.methods.registry.METHODS (sft, rft, online_rft, ppo, grpo, grpo_process,
     dr_grpo, dapo, gspo, gspo_token, rloo, reinforce_pp, reinforce_pp_baseline, powerflow, tb,
     length_aware_tb, tb_token, dpo, cdpo, robust_dpo, ipo, simpo, orpo, kto, online_dpo).
     loss / advantage: keyword arguments bound to the method's loss / advantage function (checked against
@@ -185,7 +185,9 @@ class EvalSection(Section):
 
 
 class TrainConfig(Section):
-    """A whole recipe. `steps` counts rollout batches (one prompt batch each), not optimizer updates."""
+    """A whole recipe. `steps` counts rollout batches (one prompt batch each), not optimizer updates.
+    The schema checks each section; whether the recipe fits its method (a reward where one is needed,
+    loss arguments the method's loss takes) is pf_jax.methods.compose.check_recipe's."""
 
     model: ModelSection = ModelSection()
     data: DataConfig = DataConfig()
@@ -204,16 +206,3 @@ class TrainConfig(Section):
     batch_size: int = Field(64, ge=1)
     seed: int = 0
     export: bool = True
-
-    @model_validator(mode="after")
-    def _known_method(self) -> TrainConfig:
-        from pf_jax.training.methods import METHODS, method_spec
-
-        spec = method_spec(self.method.name)  # raises naming the nearest method
-        if spec.needs_reward and self.reward.name is None:
-            raise ValueError(
-                f"method {self.method.name!r} needs a reward: set reward.name (one of the rewards in "
-                "pf_jax.tasks.rewards.REWARDS)"
-            )
-        assert self.method.name in METHODS
-        return self

@@ -42,9 +42,18 @@ class SequenceBatch:
         return self.response_mask.sum(axis=1)
 
 
-def bucket_length(n: int, minimum: int = 8) -> int:
-    """Smallest power of two >= max(n, minimum): a run compiles once per bucket, not once per length."""
-    return max(minimum, 1 << max(0, int(n) - 1).bit_length())
+def bucket_length(length: int, *, minimum: int = 8) -> int:
+    """Smallest power of two >= max(length, minimum): the padded length a run compiles for.
+
+    Bucketing bounds the number of distinct shapes (hence compilations) to log2 of the longest length;
+    the cost is at most 2x padding. The sampler's prompts, the training batches' prompts and responses
+    and the agentic step rows are all bucketed by this one rule.
+    """
+    if length < 0:
+        raise ValueError(f"length must be >= 0, got {length}")
+    if minimum < 1:
+        raise ValueError(f"minimum bucket must be >= 1, got {minimum}")
+    return 1 << (max(length, minimum) - 1).bit_length()
 
 
 def pack_sequences(

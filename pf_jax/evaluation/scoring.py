@@ -65,6 +65,13 @@ class MethodResult:
             out["answer_keys"] = self.answer_keys
         return out
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MethodResult:
+        """A result read back from `to_json(include_responses=False)`: metrics and pass@k, no responses."""
+        return cls(name=data["name"], settings=data["settings"], responses=[],
+                   correct=np.zeros((data["num_problems"], data["samples_per_problem"]), bool), answer_keys=[],
+                   metrics=data["metrics"], pass_at_k={int(k): v for k, v in data["pass_at_k"].items()})
+
 
 def diversity_metrics(texts_per_prompt: Sequence[Sequence[str]], embedder: Embedder | None = None
                       ) -> dict[str, float]:

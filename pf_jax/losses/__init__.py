@@ -2,7 +2,8 @@
 
 Every loss takes per-token log-probs [B, T] (policy, and as needed behaviour / reference / base model),
 a mask [B, T], rewards or advantages, group ids and learned log Z values, and returns (loss, metrics).
-Methods are named in ``LOSS_METHODS`` (registry.py) so a recipe can say ``loss.name: grpo``.
+Each method of pf_jax.methods names one of them with its default arguments (``make_loss_fn("grpo")``
+there binds them).
 """
 
 from pf_jax.losses.advantages import (
@@ -27,9 +28,11 @@ from pf_jax.losses.aggregation import (
     sequence_mean,
     sequence_sum,
 )
+from pf_jax.losses.cispo import cispo_loss
 from pf_jax.losses.classification import binary_cross_entropy_loss
 from pf_jax.losses.gflownet import (
     length_aware_tb_loss,
+    power_log_reward,
     powerflow_loss,
     tb_token_loss,
     trajectory_balance_loss,
@@ -52,23 +55,20 @@ from pf_jax.losses.preference import (
     robust_dpo_loss,
     simpo_loss,
 )
-from pf_jax.losses.registry import LOSS_METHODS, LossMethod, get_loss_method, make_advantage_fn, make_loss_fn
 from pf_jax.losses.supervised import nll_loss
 
 __all__ = [
     "AGGREGATIONS",
     "KL_ESTIMATORS",
-    "LOSS_METHODS",
-    "LossMethod",
     "aggregate_loss",
     "binary_cross_entropy_loss",
+    "cispo_loss",
     "clipped_value_loss",
     "discounted_returns",
     "dpo_loss",
     "dynamic_sampling_keep",
     "entropy_bonus_loss",
     "gae_advantages",
-    "get_loss_method",
     "group_mean_std",
     "grpo_outcome_advantages",
     "grpo_process_advantages",
@@ -81,8 +81,6 @@ __all__ = [
     "kto_reference_point",
     "length_aware_tb_loss",
     "majority_vote_rewards",
-    "make_advantage_fn",
-    "make_loss_fn",
     "masked_mean",
     "masked_sum",
     "masked_whiten",
@@ -90,6 +88,7 @@ __all__ = [
     "nll_loss",
     "orpo_loss",
     "overlong_penalty",
+    "power_log_reward",
     "powerflow_loss",
     "ppo_clip_loss",
     "reinforce_pp_advantages",

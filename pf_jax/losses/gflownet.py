@@ -94,13 +94,37 @@ def tb_token_loss(
     return loss, _residual_metrics(residual, log_z, valid)
 
 
+def power_log_reward(
+    base_logp: Array,  # [B, T] frozen base model
+    mask: Array,  # [B, T]
+    alpha: float,
+    format_penalty: Array | None = None,  # [B] psi(y)
+    *,
+    per_token: bool = False,
+) -> Array:
+    """PowerFlow's target, the alpha-power of the base model with a per-token format penalty psi:
+
+        log R(q, y) = alpha [ log p_base(y|q) + |y| psi(y) ]                  [B]
+        per_token:    alpha [ (1/|y|) log p_base(y|q) + psi(y) ]             (length-aware TB's target)
+
+    detached; |y| is at least 1 (an empty response has target alpha psi or 0).
+    """
+    lengths = sequence_lengths(mask)
+    psi = jnp.zeros_like(lengths) if format_penalty is None else sg(format_penalty).astype(lengths.dtype)
+    base = sequence_sum(sg(base_logp), mask)
+    if per_token:
+        return alpha * (base / jnp.maximum(lengths, 1.0) + psi)
+    return alpha * (base + psi * jnp.maximum(lengths, 1.0))
+
+
 def powerflow_loss(
     logp: Array,  # [B, T] current policy
     old_logp: Array,  # [B, T] rollout policy, detached
     base_logp: Array,  # [B, T] frozen base model, detached
     mask: Array,  # [B, T]
     log_z_prime: Array,  # [] or [B], learned
-    alpha: float = 4.0,
+    *,
+    alpha: float,  # the recipe's method.alpha
     format_penalty: Array | None = None,  # [B] psi(y), e.g. -0.5 when the answer format is missing
     clip_eps: float = 0.2,
 ) -> tuple[Array, dict[str, Array]]:
@@ -115,12 +139,11 @@ def powerflow_loss(
     lengths = sequence_lengths(mask)
     safe_len = jnp.maximum(lengths, 1.0)
     valid = lengths > 0
-    psi = jnp.zeros_like(lengths) if format_penalty is None else sg(format_penalty).astype(lengths.dtype)
     seq_logp = sequence_sum(logp, mask)
     seq_log_ratio = sg(seq_logp - sequence_sum(old_logp, mask))
     raw_w = jnp.exp(jnp.clip(seq_log_ratio, -20.0, 20.0))
     w = jnp.clip(raw_w, 1.0 - clip_eps, 1.0 + clip_eps)
-    target = alpha * (sequence_sum(sg(base_logp), mask) / safe_len + psi)
+    target = power_log_reward(base_logp, mask, alpha, format_penalty, per_token=True)
     log_z_prime = jnp.broadcast_to(log_z_prime, lengths.shape)
     residual = log_z_prime + seq_logp / safe_len - target
     loss = _mean_over_valid(w * residual**2, valid)

@@ -42,10 +42,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from pf_jax.config import ConfigError
 from pf_jax.config.recipe import TrainConfig
+from pf_jax.methods.batches import abstract_sequences
+from pf_jax.methods.compose import Composition, compose
 from pf_jax.models.decoder import Decoder
-from pf_jax.planning.abstract_batches import RecipeSizes, recipe_sizes, sequence_batch, update_batch
-from pf_jax.planning.dry_run import plan_recipe, recipe_model_config
+from pf_jax.planning.abstract_batches import RecipeSizes, recipe_sizes, update_batch
 from pf_jax.planning.memory_plan import MemoryPlan
+from pf_jax.planning.recipe_plan import plan_recipe, recipe_model_config
 from pf_jax.sharding.mesh import (
     DEFAULT_RULES,
     batch_shardings,
@@ -58,7 +60,6 @@ from pf_jax.sharding.mesh import (
     train_state_shardings,
 )
 from pf_jax.sharding.topology import Topology, tpu_topology
-from pf_jax.training.methods import MethodSpec, method_spec
 from pf_jax.training.step import TrainState
 from pf_jax.training.update import RecipeUpdate, build_update
 
@@ -139,7 +140,7 @@ class AbstractRecipe:
     """Everything abstract the programs are built from (see compile_recipe)."""
 
     cfg: TrainConfig
-    spec: MethodSpec
+    composition: Composition
     topology: Topology
     mesh: Mesh
     rules: dict[str, tuple[str, ...]]
@@ -205,14 +206,11 @@ def _sampler_view(params: Any, mesh: Mesh, rules: Any, dtype: Any) -> Any:
 def abstract_recipe(cfg: TrainConfig, topology: Topology, *, ops: Any = None) -> AbstractRecipe:
     """The recipe's update, train state and sampler weights, abstract and placed on the slice's mesh
     (`ops`: the decoder's implementation, default the TPU one)."""
-    from pf_jax.training.trainer import _freezes_policy, _needs_reference, _uses_samples
-
-    spec = method_spec(cfg.method.name)
-    sampling, reference = _uses_samples(cfg, spec), _needs_reference(cfg, spec)
+    composition = compose(cfg)
+    sampling, reference = composition.samples, composition.reference
     mesh = make_mesh((cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor), devices=topology.devices)
     rules = cfg.mesh.logical_rules()
-    update = build_update(cfg, spec, abstract_decoder(cfg, ops=ops), sampling=sampling,
-                          frozen_policy=_freezes_policy(cfg, spec))
+    update = build_update(cfg, composition, abstract_decoder(cfg, ops=ops))
     params = _abstract(update.params)
     state = TrainState(step=SDS((), jnp.int32), params=params, opt_state=jax.eval_shape(update.tx.init, params),
                        rng=jax.eval_shape(lambda: jax.random.key(cfg.seed)))
@@ -220,7 +218,7 @@ def abstract_recipe(cfg: TrainConfig, topology: Topology, *, ops: Any = None) ->
     copies = mesh.size > 1  # one device: the sampler and scorers read the training arrays themselves
     weights = (_sampler_view(state.params["policy"], mesh, rules, update.compute_dtype) if copies
                else state.params["policy"])
-    recipe = AbstractRecipe(cfg, spec, topology, mesh, rules, recipe_sizes(cfg, spec, sampling=sampling),
+    recipe = AbstractRecipe(cfg, composition, topology, mesh, rules, recipe_sizes(cfg, composition),
                             sampling, reference, update, state, weights)
     policy = device_bytes(state.params["policy"])
     recipe.resident.update({"parameters": device_bytes(state.params), "optimizer state": device_bytes(state.opt_state),
@@ -269,7 +267,7 @@ def _compile(name: str, trace: Callable[[], Any], args: Any, *, alive: tuple[str
 
 def train_step_program(r: AbstractRecipe) -> tuple[Any, tuple[Any, Any]]:
     """(the train step jitted by shard_train_step with the trainer's shardings, its abstract arguments)."""
-    batch = update_batch(r.cfg, r.spec, r.sizes, reference=r.reference, sampling=r.sampling)
+    batch = update_batch(r.composition, r.sizes)
     try:
         b_shard = batch_shardings(batch, r.mesh, r.rules)
     except ValueError as error:
@@ -301,14 +299,14 @@ def _rows(x: SDS, layout: Any, mesh: Mesh) -> SDS:
 
 
 def compile_scoring(r: AbstractRecipe, name: str, *, rows: int, entropy: bool, note: str, runs: bool = True) -> ProgramPlan:
-    """Teacher-forced log-probs of `rows` rollout rows (experience._score) over the sampler-layout weights."""
+    """Teacher-forced log-probs of `rows` rollout rows (pf_jax.methods.scoring._score) over the sampler-layout weights."""
+    from pf_jax.methods.scoring import _score, weights_mesh
     from pf_jax.sampling.layout import RowLayout
-    from pf_jax.training.experience import _score, weights_mesh
 
     layout = RowLayout.of(r.sampler_weights)
-    split = r.sampling and r.spec.responses != "env"  # sampled rows stay split; packed rows come from the host
+    split = r.sampling and r.composition.kind != "env"  # sampled rows stay split; packed rows come from the host
     seq = jax.tree_util.tree_map(lambda x: _rows(x, layout if split else RowLayout(), r.mesh),
-                                 sequence_batch(rows, r.sizes.prompt_len, r.sizes.response_len))
+                                 abstract_sequences(rows, r.sizes.prompt_len, r.sizes.response_len))
     trace = lambda: _score.trace(r.update.graphdefs["policy"], r.sampler_weights, seq, r.cfg.model.logprob_chunk,
                                  entropy, weights_mesh(r.sampler_weights))
     plan, _ = _compile(name, trace, (r.sampler_weights, seq), alive=ROLLOUT_ALIVE,
@@ -366,7 +364,7 @@ def compile_sampler(r: AbstractRecipe) -> list[ProgramPlan]:
     cache of prompt bucket + max_new_tokens slots, rows split over the mesh's batch axes (RowLayout)."""
     from pf_jax.sampling.layout import RowLayout, padded_prompt_count
     from pf_jax.sampling.sampler import _decode, prefill
-    from pf_jax.training.experience import generation_config
+    from pf_jax.sampling.texts import generation_config
 
     model, graphdef, state = _sampler_model(r)
     layout, s, max_new = RowLayout.of(state), r.sizes, r.cfg.rollout.max_new_tokens
@@ -390,7 +388,7 @@ def compile_sampler(r: AbstractRecipe) -> list[ProgramPlan]:
     lengths = _rows(SDS((hidden.shape[0],), jnp.int32), layout, r.mesh)
     key = SDS((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated(r.mesh))
     codec = types.SimpleNamespace(eos_ids=model.cfg.eos_token_ids, pad_id=model.cfg.pad_token_id or 0)
-    config = generation_config(r.cfg, codec).resolved(model)
+    config = generation_config(r.cfg.rollout, codec).resolved(model)
     trace = lambda: _decode.trace(graphdef, state, hidden, cache, lengths, key, None, config=config, layout=layout)
     decode_plan, _ = _compile("sampler decode", trace, (state, hidden, cache, lengths), alive=SAMPLER_ALIVE,
                               resident_in=weights + r.resident["KV cache"],
@@ -418,11 +416,12 @@ def compile_recipe(cfg: TrainConfig, topology: str) -> CompiledPlan:
     train, flops = compile_train_step(r)
     programs = [train]
     s = r.sizes
-    if r.reference and r.spec.family != "supervised":  # RFT samples from the reference, scores nothing
+    needs = r.composition.objective.needs
+    if r.reference and needs.reference_logp:  # RFT samples from the reference, scores nothing
         programs.append(compile_scoring(r, "reference scoring", rows=s.scored_rows, entropy=False,
                                         note=f"{s.scored_rows} x {s.length} tokens, frozen reference"))
     if r.sampling:  # the trainer scores its own samples for a value head or the entropy reward only
-        runs = r.spec.value_head or cfg.reward.name == "entropy"
+        runs = needs.values or cfg.reward.name == "entropy"
         why = "" if runs else "; not run by this recipe (behaviour log-probs come from the decode loop)"
         programs.append(compile_scoring(r, "policy scoring", rows=s.sequences, entropy=runs, runs=runs,
                                         note=f"{s.sequences} x {s.length} tokens, entropy={runs}{why}"))

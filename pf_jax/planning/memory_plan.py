@@ -294,13 +294,5 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_plan(plan))
 
 
-def dry_run(cfg: Any, **kwargs: Any) -> Any:
-    """`python -m pf_jax.train --dry-run [--topology NAME] [--json PATH]`: the recipe's plan, analytic or
-    compiled for a TPU slice (pf_jax.planning.dry_run.dry_run, which takes the keyword arguments)."""
-    from pf_jax.planning.dry_run import dry_run as recipe_dry_run
-
-    return recipe_dry_run(cfg, **kwargs)
-
-
 if __name__ == "__main__":
     main()

@@ -1,5 +1,6 @@
-"""Prompt batches for the compiled sampler: lengths bucketed to powers of two, rows left-padded so that
-every prompt ends at the same slot and the whole batch decodes at one cache index."""
+"""Prompt batches for the compiled sampler: lengths bucketed to powers of two (pf_jax.data.sequences'
+bucket_length), rows left-padded so that every prompt ends at the same slot and the whole batch decodes
+at one cache index."""
 
 from __future__ import annotations
 
@@ -7,19 +8,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from pf_jax.data.sequences import bucket_length
 
-def bucket_length(length: int, *, minimum: int = 16) -> int:
-    """Smallest power of two >= max(length, minimum): the padded prompt length that a run compiles for.
-
-    Bucketing bounds the number of distinct prompt shapes (hence compilations) to log2 of the longest
-    prompt; the cost is at most 2x padding.
-    """
-    if length < 0:
-        raise ValueError(f"prompt length must be >= 0, got {length}")
-    if minimum < 1:
-        raise ValueError(f"minimum prompt bucket must be >= 1, got {minimum}")
-    n = max(length, minimum)
-    return 1 << (n - 1).bit_length()
+__all__ = ["bucket_length", "left_pad"]
 
 
 def left_pad(prompts: Sequence[Sequence[int]], *, length: int, pad_token_id: int,

@@ -13,6 +13,8 @@ import re
 import zlib
 from collections.abc import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from pf_jax.evaluation.answer_checkers import PredicateChecker
@@ -211,3 +213,18 @@ ARITHMETIC_CHECKER = PredicateChecker(
     predicate=lambda response, reference: arithmetic_answer(response) == str(int(reference)),
     extract_answer=arithmetic_answer,
 )
+
+
+def digit_step_rewards(texts: Sequence[str], refs: Sequence[str], R: int) -> dict[str, jax.Array]:
+    """Process supervision for answers written digit by digit: step j = the j-th answer character, step
+    reward 1 if it matches the reference's j-th character (a missing or extra character scores 0)."""
+    S = R
+    rewards = np.zeros((len(texts), S), np.float32)
+    step_mask = np.zeros((len(texts), S), bool)
+    step_end = np.zeros((len(texts), S), np.int32)
+    for i, (t, ref) in enumerate(zip(texts, refs, strict=True)):
+        for j, ch in enumerate(t[:S]):
+            rewards[i, j] = float(j < len(ref) and ch == ref[j])
+            step_mask[i, j] = True
+            step_end[i, j] = j
+    return {"step_rewards": jnp.asarray(rewards), "step_mask": jnp.asarray(step_mask), "step_end": jnp.asarray(step_end)}

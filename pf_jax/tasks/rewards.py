@@ -53,6 +53,8 @@ REWARDS: dict[str, Callable[..., RewardFn]] = {
     "instructions": instruction_reward,
 }
 INTERNAL_REWARDS = ("self_certainty", "entropy")
+
+
 def _math_answer(response: str) -> str | None:
     return _math_checker().extract(response)
 
@@ -83,3 +85,23 @@ def build_reward(name: str, scale: float = 1.0, soft_scorer: str | None = None) 
         return out
 
     return scaled
+
+
+def answer_format(reward_name: str | None, data_source: str) -> Callable[[str], str | None] | None:
+    """The answer extractor of the recipe's task: its reward's, else the arithmetic one for the arithmetic
+    sources; None when the task has no answer format (PowerFlow's format penalty and the answer rate
+    then do not apply)."""
+    extractor = ANSWER_EXTRACTORS.get(reward_name or "")
+    if extractor is None and data_source.startswith("arithmetic"):
+        return arithmetic_answer
+    return extractor
+
+
+def heldout_checker(reward_name: str | None, data_source: str) -> AnswerChecker | None:
+    """The checker that scores held-out answers of the recipe's task (None: the task has no reference
+    answers to check, e.g. a label-free reward on another source)."""
+    if reward_name in ("math", "majority_vote_math"):
+        return MathVerifyChecker()
+    if reward_name in (None, "arithmetic", "majority_vote") and data_source.startswith("arithmetic"):
+        return ARITHMETIC_CHECKER
+    return None

@@ -6,7 +6,7 @@ file or a hub dataset (pf_jax.data.loading), validated with the recipe's bad-row
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -71,3 +71,19 @@ def load_preference_rows(
 ) -> ValidatedRows:
     """Validated preference rows {"prompt", "chosen", "rejected"} of `cfg`."""
     return validated_preference_rows(read_rows(cfg, cache_dir), cfg, count_tokens)
+
+
+def load_kto_rows(cfg: DataConfig) -> list[dict[str, Any]]:
+    """Rows {"prompt", "completion", "label": bool} of `cfg`; a row missing a field is skipped (counted in
+    the printed summary) or, with data.on_bad_row=stop, a ConfigError naming it."""
+    raw = list(read_rows(cfg))
+    rows = []
+    for i, row in enumerate(raw):
+        missing = [k for k in ("prompt", "completion", "label") if not isinstance(row, Mapping) or k not in row]
+        if missing:
+            if cfg.on_bad_row == "stop":
+                raise ConfigError(f"bad row {i} in {cfg.source}: missing field(s) {missing} for KTO")
+            continue
+        rows.append({"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])})
+    print(f"[pf_jax] KTO rows: kept {len(rows)} of {len(raw)}")
+    return rows

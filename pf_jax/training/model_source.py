@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pf_jax.config import ConfigError
 from pf_jax.config.recipe import ModelSection
 from pf_jax.data.codec import CharCodec, HFCodec, TextCodec
 from pf_jax.data.saved_codec import load_codec
@@ -25,8 +26,8 @@ MAZE_BASE = "maze-base"
 MAZE_BASE_RECIPE = CONFIGS_DIR / "rewardflow" / "maze_base.yaml"
 
 
-# Built-in base models: each is an ordinary trainer run of its recipe, built on first use. name -> (recipe,
-# what it is, for the message printed while it is built).
+# Built-in base models: each is an ordinary trainer run of its recipe, built before a run that names it
+# (pf_jax.training.bases). name -> (recipe, what it is, for the message printed while it is built).
 BUILT_IN_BASES = {
     ARITH_BASE: (ARITH_BASE_RECIPE, "arithmetic base model"),
     MAZE_BASE: (MAZE_BASE_RECIPE, "maze warm-start policy"),
@@ -36,22 +37,6 @@ BUILT_IN_BASES = {
 def built_in_base_directory(name: str, runs_dir: str | Path) -> Path:
     """Where the built-in base model `name` is exported."""
     return Path(runs_dir) / name / "export"
-
-
-def ensure_built_in_base(name: str, runs_dir: str | Path) -> Path:
-    """Train the built-in base model `name` with its recipe unless runs_dir/name/export already holds it."""
-    recipe, what = BUILT_IN_BASES[name]
-    directory = built_in_base_directory(name, runs_dir)
-    if not (directory / "config.json").is_file():
-        from pf_jax.config import load_config
-        from pf_jax.config.recipe import TrainConfig
-        from pf_jax.training.trainer import train
-
-        if not recipe.is_file():
-            raise FileNotFoundError(f"the {name} recipe {recipe} is missing from this checkout")
-        print(f"[pf_jax] building the {what} ({recipe.name}) into {directory.parent}")
-        train(load_config(TrainConfig, recipe, [f"logging.runs_dir={runs_dir}"]))
-    return directory
 
 
 def _dtype(name: str) -> jnp.dtype:
@@ -95,7 +80,11 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
                         remat=cfg.remat, ops=select_ops(jax.default_backend()))
         return model, codec
     if name in BUILT_IN_BASES:
-        name = str(ensure_built_in_base(name, runs_dir))
+        name = str(built_in_base_directory(name, runs_dir))
+        if not (Path(name) / "config.json").is_file():
+            raise ConfigError(f"model.name={cfg.name!r}: the built-in base model is not built in {name} yet; "
+                              f"pf_jax.train builds it first (or: python -m pf_jax.train --config "
+                              f"{BUILT_IN_BASES[cfg.name][0]} logging.runs_dir={runs_dir})")
     path = Path(name)
     if path.is_dir():
         model = load_hf_directory(path, dtype=dtype, param_dtype=param_dtype)

@@ -1,8 +1,10 @@
-"""The one training loop: prompts -> responses -> rewards -> estimator -> jitted update, for every method.
+"""The one training loop: prompt rows -> responses -> the objective's batch -> jitted update, for every
+method (pf_jax.methods composes the three; this loop knows only their protocols), with checkpoints,
+metrics, evaluation hooks and the export of what the run delivers.
 
-Resumption is exact: the RNG key of step s is fold_in(seed, s), the data position is checkpointed with
-the parameters and optimizer state, so a run killed at any point and restarted with the same command
-ends with the parameters of a run that was never interrupted.
+Resumption is exact: the RNG key of step s is fold_in(seed, s), the prompt source's position is
+checkpointed with the parameters and optimizer state, so a run killed at any point and restarted with the
+same command ends with the parameters of a run that was never interrupted.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import contextlib
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,23 +23,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pf_jax.config import ConfigError, DataConfig
+from pf_jax.config import ConfigError
 from pf_jax.config.loading import config_to_yaml
 from pf_jax.config.recipe import TrainConfig
-from pf_jax.data.codec import TextCodec
-from pf_jax.data.iterator import BatchIterator, IteratorState
-from pf_jax.data.sequences import SequenceBatch
-from pf_jax.evaluation.scoring import MethodResult, Problem, score_responses
-from pf_jax.losses import get_loss_method
-from pf_jax.models.hf_io import export_hf_directory
-from pf_jax.tasks.arithmetic import ARITHMETIC_CHECKER
-from pf_jax.tasks.instructions.rows import curriculum_batches, instruction_source_kind, load_instruction_rows
-from pf_jax.tasks.rewards import ANSWER_EXTRACTORS, build_reward
-from pf_jax.tasks.sources import load_preference_rows, load_prompt_rows, read_rows
-from pf_jax.training.agentic import AgenticExperience, agentic_task_rows
+from pf_jax.data.iterator import IteratorState
+from pf_jax.evaluation.scoring import MethodResult
+from pf_jax.methods.batches import response_token_count
+from pf_jax.methods.compose import compose, recipe_reward, response_source
+from pf_jax.methods.prompts import prompt_source, training_rows
+from pf_jax.methods.protocols import Models
+from pf_jax.methods.scoring import Scorer
 from pf_jax.training.checkpoint import Checkpointer, StopSignal
-from pf_jax.training.experience import ExperienceMaker, generation_config, sample_responses
-from pf_jax.training.methods import MethodSpec, method_spec
+from pf_jax.training.evaluators import evaluator_for
 from pf_jax.training.metrics import MetricsLogger
 from pf_jax.training.model_source import load_policy
 from pf_jax.training.placement import MeshPlacement
@@ -55,119 +52,44 @@ class RunResult:
     export_dir: Path | None = None
 
 
-def _uses_samples(cfg: TrainConfig, spec: MethodSpec) -> bool:
-    return (cfg.method.responses or spec.responses) in ("policy", "reference", "env")
-
-
-def _needs_reference(cfg: TrainConfig, spec: MethodSpec) -> bool:
-    """A frozen copy of the initial policy is kept when the method always uses one (DPO, PowerFlow's
-    base model) or when a KL term is on: the loss's kl_coef (its default or the recipe's) or the reward's."""
-    if (cfg.method.responses or spec.responses) == "reference":
-        return True
-    if spec.reference != "if_kl":
-        return spec.reference == "always"
-    kl_coef = {**get_loss_method(spec.loss).loss_defaults, **cfg.method.loss}.get("kl_coef", 0.0)
-    return bool(kl_coef) or bool(cfg.method.reward_kl_coef)
-
-
-def _freezes_policy(cfg: TrainConfig, spec: MethodSpec) -> bool:
-    """The policy is a frozen backbone (only the reward model's head trains): no optimizer state for it."""
-    return spec.family == "reward_model" and cfg.reward_model.freeze_backbone
-
-
-def load_training_rows(cfg: TrainConfig, spec: MethodSpec, codec: TextCodec) -> list[dict[str, Any]]:
-    """Validated rows for the method: prompts (+ reference answers), SFT pairs, preference pairs, KTO rows."""
-    count = lambda text: len(codec.encode_prompt(text))
-    if spec.family == "reward_model":
-        from pf_jax.tasks.instructions.reward_model import load_classifier_rows
-
-        return load_classifier_rows(cfg.data, cfg.reward_model.synthetic_examples)
-    if instruction_source_kind(cfg.data) is not None:
-        if not _uses_samples(cfg, spec):
-            raise ConfigError(f"data.source '{cfg.data.source}' gives instruction prompts without responses; method "
-                              f"{spec.name!r} trains on dataset responses (use a sampling method, e.g. grpo)")
-        return load_instruction_rows(cfg.data, cfg.curriculum.synthetic_instructions)
-    if spec.family == "preference" and not spec.pairs_from_samples:
-        rows = load_preference_rows(cfg.data, count)
-    elif spec.family == "kto":
-        raw = list(read_rows(cfg.data))
-        rows_out = []
-        for i, row in enumerate(raw):
-            missing = [k for k in ("prompt", "completion", "label") if not isinstance(row, Mapping) or k not in row]
-            if missing:
-                if cfg.data.on_bad_row == "stop":
-                    raise ConfigError(f"bad row {i} in {cfg.data.source}: missing field(s) {missing} for KTO")
-                continue
-            rows_out.append({"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])})
-        print(f"[pf_jax] KTO rows: kept {len(rows_out)} of {len(raw)}")
-        return rows_out
-    else:
-        rows = load_prompt_rows(cfg.data, count)
-    if rows.report.skipped:
-        print(f"[pf_jax] data: {rows.report.summary()}")
-    return list(rows.rows)
-
-
 class Trainer:
     """Builds every piece of a recipe once; `run()` trains, checkpoints, evaluates and exports."""
 
     def __init__(self, cfg: TrainConfig, *, process_index: int = 0, process_count: int = 1) -> None:
-        self.cfg = cfg
-        self.spec = spec = method_spec(cfg.method.name)
+        self.cfg, self.process_index, self.process_count = cfg, process_index, process_count
+        self.composition = composition = compose(cfg)
+        self.objective = composition.objective
         self.run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
-        self.process_index, self.process_count = process_index, process_count
         policy, self.codec = load_policy(cfg.model, runs_dir=cfg.logging.runs_dir)
-        agentic = spec.responses == "env"
-        self.rows = agentic_task_rows(cfg.env) if agentic else load_training_rows(cfg, spec, self.codec)
-        self.sampling = _uses_samples(cfg, spec)
-        per_step = cfg.rollout.prompts_per_step if self.sampling else cfg.batch_size
-        per_step = cfg.env.tasks_per_step if agentic else per_step
-        self.iterator = BatchIterator(self.rows, per_step, seed=cfg.data.shuffle_seed, shuffle=cfg.data.shuffle,
-                                      process_index=process_index, process_count=process_count)
-        if self.sampling and (curriculum := curriculum_batches(cfg, per_step, process_index=process_index,
-                                                               process_count=process_count)):
-            self.iterator = curriculum
-
-        update = build_update(cfg, spec, policy, sampling=self.sampling, frozen_policy=_freezes_policy(cfg, spec))
-        self.graphdefs, params, self.loss_fn, self.tx = update.graphdefs, update.params, update.loss_fn, update.tx
-        self.ref_params = jax.tree_util.tree_map(jnp.copy, params["policy"]) if _needs_reference(cfg, spec) else None
-        self.updates_per_step = update.updates_per_step
+        self.rows = training_rows(cfg, composition.kind, self.codec)
+        self.prompts = prompt_source(cfg, composition.kind, self.rows, process_index=process_index,
+                                     process_count=process_count)
+        update = build_update(cfg, composition, policy)
+        self.graphdefs, self.tx, self.updates_per_step = update.graphdefs, update.tx, update.updates_per_step
+        params = update.params
+        self.reference = jax.tree_util.tree_map(jnp.copy, params["policy"]) if composition.reference else None
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                                 rng=jax.random.key(cfg.seed))
-        compute, step_fn = update.compute_dtype, update.step_fn
-        self.train_step = jax.jit(step_fn, donate_argnums=0)
-        # More than one device: state on the mesh, step jitted with explicit shardings (training/placement.py).
-        self.placement = MeshPlacement.from_config(cfg.mesh, sampler_dtype=compute)
-        if self.placement is not None:
-            self.state = self.placement.place_state(self.state)
-            if self.ref_params is not None:
-                self.ref_params = self.placement.place_params(self.ref_params)
-            self.train_step = self.placement.shard_step(step_fn)
+        self.train_step = jax.jit(update.step_fn, donate_argnums=0)
+        self._place(update)
+        self.reward = recipe_reward(cfg)
+        self.scorer = Scorer(self.graphdefs["policy"], cfg.model.logprob_chunk)
+        self.responses = response_source(cfg, composition, self.codec, self.scorer, self.reward)
+        self.evaluator = evaluator_for(cfg, composition, self.codec, self.reward, self.run_dir)
 
-        reward_name = cfg.reward.name
-        self.reward_fn = build_reward(reward_name, cfg.reward.scale, soft_scorer=cfg.reward.soft_scorer) if reward_name else None
-        self.answer_format = ANSWER_EXTRACTORS.get(reward_name or "") or (
-            ANSWER_EXTRACTORS["arithmetic"] if cfg.data.source.startswith("arithmetic") else None)
-        self.instruction_eval: dict[str, dict[str, float]] = {}
-        self.experience = ExperienceMaker(cfg, spec, self.codec, self.graphdefs, self.reward_fn, self.answer_format)
-        self.agentic = AgenticExperience(cfg, spec.name, self.codec, self.graphdefs, self.experience.gen,
-                                         self.experience.scorer) if agentic else None
+    def _place(self, update: Any) -> None:
+        """More than one device: state on the mesh, step jitted with explicit shardings (placement.py)."""
+        self.placement = MeshPlacement.from_config(self.cfg.mesh, sampler_dtype=update.compute_dtype)
+        if self.placement is None:
+            return
+        self.state = self.placement.place_state(self.state)
+        if self.reference is not None:
+            self.reference = self.placement.place_params(self.reference)
+        self.train_step = self.placement.shard_step(update.step_fn)
 
     # -- one step --------------------------------------------------------------------------------------
     def step_key(self, step: int) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.cfg.seed), step)
-
-    def make_batch(self, rows, step: int) -> tuple[dict, dict]:
-        params = {k: self.sampler_view(p, cast=k == "policy") for k, p in self.state.params.items()}
-        ref = self.sampler_view(self.ref_params, cast=True)
-        if self.agentic is not None:
-            return self.agentic.make_batch(rows, params, ref, self.step_key(step))
-        if self.sampling:
-            key = self.step_key(step)
-            if self.process_count > 1:  # each process samples its own prompts: independent streams
-                key = jax.random.fold_in(key, self.process_index)
-            return self.experience.from_samples(rows, params, ref, key)
-        return self.experience.from_dataset(rows, params, ref)
 
     def sampler_view(self, params: Any, *, cast: bool = False) -> Any:
         """Parameters as the sampler / scorer / evaluator / exporter uses them (the explicit transfer to the
@@ -175,15 +97,27 @@ class Trainer:
         themselves on one device)."""
         return params if self.placement is None else self.placement.sampler_params(params, cast=cast)
 
-    def update(self, batch: dict, step: int) -> dict[str, float]:
+    def make_batch(self, rows: list[Any], step: int) -> tuple[Any, dict[str, float]]:
+        """The objective's batch from this step's prompt rows, and the host metrics of making it."""
+        params = {k: self.sampler_view(p, cast=k == "policy") for k, p in self.state.params.items()}
+        models = Models(self.graphdefs, params, self.sampler_view(self.reference, cast=True))
+        key = self.step_key(step)
+        if self.composition.samples and self.composition.kind != "env" and self.process_count > 1:
+            key = jax.random.fold_in(key, self.process_index)  # each process samples its own prompts
+        responses = self.responses(rows, models, key)
+        batch, metrics = self.objective.batch(responses)
+        return batch, {**responses.metrics, **metrics}
+
+    def update(self, batch: Any, step: int) -> dict[str, float]:
+        """Every optimizer update of the step: rollout.updates_per_batch passes over rollout.minibatches."""
         r = self.cfg.rollout
         n = jax.tree_util.tree_leaves(batch)[0].shape[0]
-        minibatches = r.minibatches if self.sampling else 1
+        minibatches = r.minibatches if self.composition.samples else 1
         if n % minibatches:
             raise ConfigError(f"rollout.minibatches={minibatches} does not divide the {n} sequences of a step")
         rng = np.random.default_rng([self.cfg.seed, step])
         collected: dict[str, list[float]] = {}
-        for _ in range(r.updates_per_batch if self.sampling else 1):
+        for _ in range(r.updates_per_batch if self.composition.samples else 1):
             order = rng.permutation(n) if minibatches > 1 else np.arange(n)
             for part in np.split(order, minibatches):
                 mb = jax.tree_util.tree_map(lambda x, idx=part: x[idx], batch) if minibatches > 1 else batch
@@ -194,149 +128,154 @@ class Trainer:
         out["skipped"] = float(np.sum(collected.get("skipped", [0.0])))
         return out
 
-    def init_log_partition(self, batch: dict, num_prompts: int) -> float:
-        """Start the log Z'(q) head at the least-squares value of the first batch (its output bias; the
-        last layer's weights start at zero), so the policy's first updates are not spent on an offset
-        that the head would otherwise take hundreds of steps to learn (e.g. -11 nats/token for Gemma)."""
-        from pf_jax.training.experience import group_log_partition
-
-        seq = batch["seq"]
-        groups = np.repeat(np.arange(num_prompts), seq.prompt_tokens.shape[0] // num_prompts)
-        estimate = group_log_partition(batch["log_reward"], batch["old_logp"], seq.response_mask, groups,
-                                       num_prompts, per_token=self.spec.loss in ("powerflow", "length_aware_tb"))
-        value = float(jnp.mean(estimate))
-        if self.process_count > 1:  # each process saw its own prompts: the global batch's mean
-            from jax.experimental import multihost_utils
-
-            value = float(np.mean(multihost_utils.process_allgather(np.float32(value))))
-        head = nnx.merge(self.graphdefs["log_z"], self.state.params["log_z"])
-        head.out.bias[...] = jnp.full_like(head.out.bias[...], value)
-        params = {**self.state.params, "log_z": nnx.state(head, nnx.Param)}
+    def initialize_heads(self, batch: Any, num_prompts: int) -> dict[str, float]:
+        """The objective's heads adjusted from the first batch (e.g. PowerFlow's log Z' head started at the
+        batch's least-squares value), averaged over processes."""
+        params, info = self.objective.initialize(self.state.params, self.graphdefs, batch, num_prompts,
+                                                 self._process_mean)
+        if not info:  # nothing adjusted
+            return {}
         self.state = self.state.replace(params=params)
         if self.placement is not None:
             self.state = self.placement.keep_layout(self.state)
-        return value
+        return info
 
-    # -- evaluation ------------------------------------------------------------------------------------
-    def evaluate(self, name: str, policy_params: nnx.State, *, key: jax.Array) -> MethodResult | None:
-        cfg = self.cfg
-        if cfg.reward.name == "instructions" and cfg.eval.enabled and instruction_source_kind(cfg.data):
-            from pf_jax.tasks.instructions.evaluation import evaluate_instruction_reward
+    def _process_mean(self, value: float) -> float:
+        if self.process_count == 1:
+            return value
+        from jax.experimental import multihost_utils
 
-            self.instruction_eval[name] = evaluate_instruction_reward(self, name, policy_params, key=key)
+        return float(np.mean(multihost_utils.process_allgather(np.float32(value))))
+
+    def train_one_step(self, step: int) -> dict[str, float]:
+        """Make the step's batch, update on it; the step's metrics (timings and tokens/s included)."""
+        t0 = time.perf_counter()
+        rows = self.prompts.next_batch()
+        batch, info = self.make_batch(rows, step)
+        if step == 0:
+            info.update(self.initialize_heads(batch, len(rows)))
+        t1 = time.perf_counter()
+        metrics = self.update(batch, step)
+        t2 = time.perf_counter()
+        metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1,
+                       tokens_per_s=response_token_count(batch) / max(t2 - t0, 1e-9))
+        if metrics.get("skipped"):
+            print(f"[pf_jax] step {step + 1}: {int(metrics['skipped'])} update(s) skipped: non-finite "
+                  f"loss or gradient (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')})")
+        return metrics
+
+    # -- evaluation and export -------------------------------------------------------------------------
+    def modules(self) -> dict[str, nnx.Module]:
+        """The trained modules: the policy in the sampler layout (its matrices not cast), the heads as they
+        train."""
+        view = lambda k, p: self.sampler_view(p) if k == "policy" else p
+        return {k: nnx.merge(self.graphdefs[k], view(k, p)) for k, p in self.state.params.items()}
+
+    def evaluate(self, name: str, *, key: jax.Array) -> MethodResult | None:
+        if self.evaluator is None:
             return None
-        checker = ARITHMETIC_CHECKER if (cfg.reward.name in (None, "arithmetic", "majority_vote")
-                                         and cfg.data.source.startswith("arithmetic")) else None
-        if cfg.reward.name in ("math", "majority_vote_math"):
-            from pf_jax.evaluation.answer_checkers import MathVerifyChecker
+        model = nnx.merge(self.graphdefs["policy"], self.sampler_view(self.state.params["policy"], cast=True))
+        return self.evaluator(name, model, key=key)
 
-            checker = MathVerifyChecker()
-        if checker is None or not cfg.eval.enabled or self.agentic is not None:
-            return None
-        rows = self._eval_rows()
-        problems = [Problem(r["prompt"], r["answer"], str(i)) for i, r in enumerate(rows)]
-        model = nnx.merge(self.graphdefs["policy"], self.sampler_view(policy_params, cast=True))
-        gen = generation_config(cfg, self.codec, temperature=cfg.eval.temperature)
-        texts: list[list[str]] = []
-        chunk = 64
-        for start in range(0, len(problems), chunk):
-            part = problems[start : start + chunk]
-            _, _, t, _ = sample_responses(model, self.codec, [p.prompt for p in part], cfg.eval.samples,
-                                          jax.random.fold_in(key, start), gen)
-            k = cfg.eval.samples
-            texts += [t[i * k : (i + 1) * k] for i in range(len(part))]
-        settings = {"method": name, "temperature": cfg.eval.temperature, "samples": cfg.eval.samples}
-        if name != "base" and self.spec.family == "gflownet":
-            settings["alpha"] = cfg.method.alpha
-        return score_responses(name, problems, texts, checker, settings)
-
-    def _eval_rows(self) -> list[dict[str, Any]]:
-        data = DataConfig(**{**self.cfg.data.model_dump(), "split": self.cfg.eval.split, "answer_field": "answer"})
-        rows = list(load_prompt_rows(data).rows)
-        return rows[: self.cfg.eval.problems]
+    def export(self, modules: dict[str, nnx.Module] | None = None) -> Path:
+        """What the run delivers (the objective's deliver: the policy as HF safetensors + tokenizer, or the
+        classifier), written by process 0 into run_dir/export."""
+        directory = self.run_dir / "export"
+        modules = self.modules() if modules is None else modules  # every process: the transfer is collective
+        if self.process_index == 0:
+            self.objective.deliver(modules, self.codec, directory)
+        return directory
 
     # -- the run ---------------------------------------------------------------------------------------
     def run(self) -> RunResult:
-        cfg = self.cfg
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.process_index == 0:
-            (self.run_dir / "config.yaml").write_text(config_to_yaml(cfg))
+            (self.run_dir / "config.yaml").write_text(config_to_yaml(self.cfg))
         # closed on any exit: a save in flight finishes even when the run raises
-        with Checkpointer.from_config(cfg.checkpoint, self.run_dir) as checkpointer:
-            start = 0
-            if cfg.checkpoint.resume:
-                # the target carries the current shardings: a checkpoint from another mesh / process count
-                # is resharded onto this run's devices
-                target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                                self.state)
-                restored = checkpointer.restore_latest(target)
-                if restored is not None:
-                    self.state = restored.state
-                    self.iterator.restore(IteratorState.from_json(restored.meta["data"]))
-                    start = restored.step
-                    print(f"[pf_jax] resumed {self.run_dir} at step {start}")
-            eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 10**9)
-            evaluation: dict[str, MethodResult] = {}
-            base_file = self.run_dir / "eval_base.json"
-            if start == 0:
-                base = self.evaluate("base", self.state.params["policy"], key=eval_key)
-                if base is not None and self.process_index == 0:
-                    base_file.write_text(json.dumps(base.to_json(include_responses=False)))
-                    evaluation["base"] = base
-
-            logger = MetricsLogger.from_config(cfg.logging, cfg.steps, process_index=self.process_index,
-                                               resume_step=start, config=cfg.model_dump())
-            completed = start >= cfg.steps
-            done = start
-            finished: tuple[int, Any, dict] | None = None  # the last step finished here: (step, state, meta)
-            with StopSignal() as stop, _saved_on_error(lambda: self._save_finished(checkpointer, finished)):
-                for step in range(start, cfg.steps):
-                    t0 = time.perf_counter()
-                    rows = self.iterator.next_batch()
-                    batch, info = self.make_batch(rows, step)
-                    if step == 0 and "log_z" in self.graphdefs:
-                        info["log_z_init"] = self.init_log_partition(batch, len(rows))
-                    t1 = time.perf_counter()
-                    metrics = self.update(batch, step)
-                    t2 = time.perf_counter()
-                    tokens = sum(int(v.response_mask.sum()) for v in batch.values() if isinstance(v, SequenceBatch))
-                    metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
-                    if metrics.get("skipped"):
-                        print(f"[pf_jax] step {step + 1}: {int(metrics['skipped'])} update(s) skipped: non-finite "
-                              f"loss or gradient (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')})")
-                    logger.log(step + 1, metrics)
-                    done = step + 1
-                    meta = {"data": self.iterator.state.to_json()}
-                    finished = (done, self.state, meta)
-                    last = step + 1 == cfg.steps
-                    checkpointer.save(step + 1, self.state, meta, force=last or stop.requested)
-                    if last:
-                        completed = True
-                    if stop.requested and not last:
-                        print(f"[pf_jax] {stop.received or 'stop'} received: saved step {step + 1}, exiting")
-                        break
-                    if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:
-                        mid = self.evaluate(f"step{step + 1}", self.state.params["policy"], key=eval_key)
-                        if mid is not None:
-                            logger.log(step + 1, {f"eval/{k}": v for k, v in mid.metrics.items()})
-        summary = logger.close()
-        result = RunResult(self.run_dir, done, completed, summary)
+        with Checkpointer.from_config(self.cfg.checkpoint, self.run_dir) as checkpointer:
+            start = self._resume(checkpointer)
+            evaluation = self._evaluate_base(start)
+            logger = MetricsLogger.from_config(self.cfg.logging, self.cfg.steps, process_index=self.process_index,
+                                               resume_step=start, config=self.cfg.model_dump())
+            done, completed = self._train(checkpointer, logger, start)
+        result = RunResult(self.run_dir, done, completed, logger.close())
         if completed:
-            if cfg.export:
-                result.export_dir = self.export()
-            if self.spec.family == "reward_model":
-                from pf_jax.tasks.instructions.reward_model import evaluate_classifier
-
-                result.summary["classifier_eval"] = evaluate_classifier(self)
-            final = self.evaluate(cfg.method.name, self.state.params["policy"], key=eval_key)
-            if final is not None:
-                if "base" not in evaluation and base_file.exists():
-                    evaluation["base"] = _result_from_json(json.loads(base_file.read_text()))
-                evaluation[cfg.method.name] = final
-                if self.process_index == 0:
-                    self._report(evaluation)
+            self._finish(result, evaluation)
         result.evaluation = evaluation
         return result
+
+    def _resume(self, checkpointer: Checkpointer) -> int:
+        """The step to start from: the latest checkpoint's (restored into the state and prompt source), or 0.
+        The target carries the current shardings: a checkpoint from another mesh / process count is
+        resharded onto this run's devices."""
+        if not self.cfg.checkpoint.resume:
+            return 0
+        target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                                        self.state)
+        restored = checkpointer.restore_latest(target)
+        if restored is None:
+            return 0
+        self.state = restored.state
+        self.prompts.restore(IteratorState.from_json(restored.meta["data"]))
+        print(f"[pf_jax] resumed {self.run_dir} at step {restored.step}")
+        return restored.step
+
+    def eval_key(self) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.cfg.seed), 10**9)
+
+    def _evaluate_base(self, start: int) -> dict[str, MethodResult]:
+        """The base model's evaluation, before the first step (kept in eval_base.json for a resumed run)."""
+        if start != 0:
+            return {}
+        base = self.evaluate("base", key=self.eval_key())
+        if base is None or self.process_index != 0:
+            return {}
+        (self.run_dir / "eval_base.json").write_text(json.dumps(base.to_json(include_responses=False)))
+        return {"base": base}
+
+    def _train(self, checkpointer: Checkpointer, logger: MetricsLogger, start: int) -> tuple[int, bool]:
+        """Steps start..cfg.steps with a checkpoint policy, a stop signal and a save of the last finished
+        step on error; (steps done, whether the run completed)."""
+        steps, done, completed = self.cfg.steps, start, start >= self.cfg.steps
+        finished: tuple[int, Any, dict] | None = None  # the last step finished here: (step, state, meta)
+        with StopSignal() as stop, _saved_on_error(lambda: self._save_finished(checkpointer, finished)):
+            for step in range(start, steps):
+                logger.log(step + 1, self.train_one_step(step))
+                done, last = step + 1, step + 1 == steps
+                meta = {"data": self.prompts.state.to_json()}
+                finished = (done, self.state, meta)
+                checkpointer.save(done, self.state, meta, force=last or stop.requested)
+                completed = completed or last
+                if stop.requested and not last:
+                    print(f"[pf_jax] {stop.received or 'stop'} received: saved step {done}, exiting")
+                    break
+                every = self.cfg.eval.every_steps
+                if every and done % every == 0 and not last:
+                    mid = self.evaluate(f"step{done}", key=self.eval_key())
+                    if mid is not None:
+                        logger.log(done, {f"eval/{k}": v for k, v in mid.metrics.items()})
+        return done, completed
+
+    def _finish(self, result: RunResult, evaluation: dict[str, MethodResult]) -> None:
+        """After the last step: export, the objective's own final metrics, the trained policy's evaluation
+        beside the base model's, and the report."""
+        modules = self.modules()
+        if self.cfg.export:
+            result.export_dir = self.export(modules)
+        result.summary.update(self.objective.final_metrics(modules, self.codec, self.cfg, self.run_dir))
+        name = self.cfg.method.name
+        final = self.evaluate(name, key=self.eval_key())
+        if final is None:
+            return
+        base_file = self.run_dir / "eval_base.json"
+        if "base" not in evaluation and base_file.exists():
+            evaluation["base"] = MethodResult.from_json(json.loads(base_file.read_text()))
+        evaluation[name] = final
+        if self.process_index == 0:
+            from pf_jax.evaluation.report import write_report
+
+            write_report(self.run_dir / "eval", list(evaluation.values()),
+                         title=f"{self.cfg.logging.run_name}: held-out accuracy", include_responses=False)
 
     def _save_finished(self, checkpointer: Checkpointer, finished: tuple[int, Any, dict] | None) -> None:
         """After an exception: save the last step this process finished, unless it is already saved or the
@@ -355,24 +294,6 @@ class Trainer:
             print(f"[pf_jax] the run failed during step {step + 1}; saved step {step} first: rerun the same command "
                   f"to resume from it", file=sys.stderr)
 
-    def export(self) -> Path:
-        directory = self.run_dir / "export"
-        if self.spec.family == "reward_model":
-            from pf_jax.tasks.instructions.reward_model import export_classifier
-
-            return export_classifier(self, directory)
-        model = nnx.merge(self.graphdefs["policy"], self.sampler_view(self.state.params["policy"]))
-        if self.process_index == 0:
-            export_hf_directory(model, directory)
-            self.codec.save(directory)
-        return directory
-
-    def _report(self, evaluation: dict[str, MethodResult]) -> None:
-        from pf_jax.evaluation.report import write_report
-
-        write_report(self.run_dir / "eval", list(evaluation.values()),
-                     title=f"{self.cfg.logging.run_name}: held-out accuracy", include_responses=False)
-
 
 @contextlib.contextmanager
 def _saved_on_error(save: Callable[[], None]) -> Iterator[None]:
@@ -386,19 +307,3 @@ def _saved_on_error(save: Callable[[], None]) -> Iterator[None]:
         except Exception as error:  # the original error is the one to raise
             print(f"[pf_jax] could not save the last finished step: {type(error).__name__}: {error}", file=sys.stderr)
         raise
-
-
-def _result_from_json(data: dict[str, Any]) -> MethodResult:
-    return MethodResult(name=data["name"], settings=data["settings"], responses=[],
-                        correct=np.zeros((data["num_problems"], data["samples_per_problem"]), bool),
-                        answer_keys=[], metrics=data["metrics"],
-                        pass_at_k={int(k): v for k, v in data["pass_at_k"].items()})
-
-
-def train(cfg: TrainConfig) -> RunResult:
-    """Run a recipe end to end (the body of `python -m pf_jax.train`); joins a multi-process run first
-    when the environment describes one (pf_jax.sharding.distributed)."""
-    from pf_jax.sharding.distributed import initialize_distributed
-
-    initialize_distributed()
-    return Trainer(cfg, process_index=jax.process_index(), process_count=jax.process_count()).run()

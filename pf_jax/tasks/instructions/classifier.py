@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pf_jax.models.heads import masked_mean_pool
+
 SoftScorer = Callable[[Sequence[str], Sequence[str]], np.ndarray]
 """(responses [N], constraint texts [N]) -> P(adheres) [N] in [0, 1]."""
 
@@ -25,12 +27,6 @@ TextEncoder = Callable[[Sequence[str]], tuple[jax.Array, jax.Array]]
 def format_classifier_input(response: str, constraint: str) -> str:
     """The classifier's input text, exactly as in the paper: "Response: {r}. Constraint: {c}"."""
     return f"Response: {response}. Constraint: {constraint}"
-
-
-def masked_mean_pool(hidden: jax.Array, mask: jax.Array) -> jax.Array:  # [B,T,D], [B,T] -> [B,D]
-    """pooled_b = sum_t m_bt h_bt / max(sum_t m_bt, 1); a row with no valid token pools to 0."""
-    m = mask.astype(hidden.dtype)[..., None]
-    return (hidden * m).sum(axis=1) / jnp.maximum(m.sum(axis=1), 1.0)
 
 
 class ConstraintClassifierHead(nnx.Module):

@@ -25,6 +25,7 @@ from safetensors.numpy import load_file, save_file
 
 from pf_jax.data.codec import TextCodec
 from pf_jax.data.saved_codec import load_codec
+from pf_jax.data.sequences import bucket_length
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.hf_io import export_hf_directory, load_hf_directory
 from pf_jax.tasks.instructions.classifier import (
@@ -42,9 +43,9 @@ _HEAD_KEYS = ("hidden.kernel", "hidden.bias", "out.kernel", "out.bias")
 
 
 def classifier_length_bucket(n: int, max_length: int) -> int:
-    """Padded length of a batch whose longest text has n tokens: the next power of two >= max(n, 8),
-    capped at max_length (few distinct shapes, so few compilations)."""
-    return min(max(8, 1 << max(n - 1, 0).bit_length()), max_length)
+    """Padded length of a batch whose longest text has n tokens: its bucket (the next power of two >=
+    max(n, 8)), capped at max_length (few distinct shapes, so few compilations)."""
+    return min(bucket_length(n), max_length)
 
 
 def encode_classifier_texts(codec: TextCodec, texts: Sequence[str], max_length: int

@@ -10,9 +10,9 @@ from the curriculum's pseudo-labels).
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,22 +20,18 @@ import numpy as np
 from flax import nnx
 
 from pf_jax.config import ConfigError, DataConfig
+from pf_jax.config.recipe import TrainConfig
 from pf_jax.data.codec import TextCodec
 from pf_jax.data.loading import read_jsonl
 from pf_jax.data.rows import RowProblem, check_text_field, validate_rows
 from pf_jax.tasks.instructions.classifier import format_classifier_input, make_soft_scorer
 from pf_jax.tasks.instructions.classifier_files import (
-    backbone_hidden,
     encode_classifier_texts,
     save_constraint_classifier,
     text_encoder,
 )
 from pf_jax.tasks.instructions.pseudo_labels import PseudoLabel
 from pf_jax.tasks.instructions.soft_constraints import SOFT_CONSTRAINTS, synthetic_soft_examples
-
-if TYPE_CHECKING:
-    from pf_jax.config.recipe import TrainConfig
-    from pf_jax.training.trainer import Trainer
 
 SYNTHETIC_CLASSIFIER_SOURCE = "soft_constraints_synthetic"
 EVAL_FILE = "classifier_eval.json"
@@ -89,43 +85,22 @@ def classifier_batch(codec: TextCodec, rows: Sequence[Mapping[str, Any]], max_le
             "labels": jnp.asarray([float(r["label"]) for r in rows], jnp.float32)}
 
 
-def classifier_loss_fn(loss: Callable[..., Any], *, freeze_backbone: bool = False):
-    """`loss_fn(modules, batch)`: logits = classifier(backbone(tokens), mask), then the bound BCE loss.
-    With `freeze_backbone` no gradient reaches the backbone (its update is zero)."""
-
-    def loss_fn(modules, batch):
-        hidden = backbone_hidden(modules["policy"], batch["tokens"], batch["mask"])
-        if freeze_backbone:
-            hidden = jax.lax.stop_gradient(hidden)
-        logits = modules["classifier"](hidden, batch["mask"])
-        return loss(logits, batch["labels"])
-
-    return loss_fn
-
-
-def _modules(trainer: Trainer):
-    policy = nnx.merge(trainer.graphdefs["policy"], trainer.state.params["policy"])
-    head = nnx.merge(trainer.graphdefs["classifier"], trainer.state.params["classifier"])
-    return policy, head
-
-
-def export_classifier(trainer: Trainer, directory: Path) -> Path:
+def export_classifier(policy: nnx.Module, head: nnx.Module, codec: TextCodec, max_length: int,
+                      directory: Path) -> Path:
     """Backbone + head + tokenizer + config of the trained classifier (load with load_soft_scorer)."""
-    policy, head = _modules(trainer)
-    return save_constraint_classifier(directory, policy, head, trainer.codec, trainer.cfg.reward_model.max_length)
+    return save_constraint_classifier(directory, policy, head, codec, max_length)
 
 
-def evaluate_classifier(trainer: Trainer) -> dict[str, float]:
+def evaluate_classifier(policy: nnx.Module, head: nnx.Module, codec: TextCodec, cfg: TrainConfig,
+                        run_dir: Path) -> dict[str, float]:
     """Held-out accuracy, mean BCE and per-class recall of the trained classifier on `eval.split` rows
     (the first `reward_model.eval_examples`), through the same soft scorer an export gives; written to
     <run_dir>/classifier_eval.json."""
-    cfg: TrainConfig = trainer.cfg
     if not cfg.reward_model.eval_examples or not cfg.eval.enabled:
         return {}
     rows = load_classifier_rows(cfg.data, max(cfg.reward_model.eval_examples // max(len(SOFT_CONSTRAINTS), 1), 1),
                                 split=cfg.eval.split)[: cfg.reward_model.eval_examples]
-    policy, head = _modules(trainer)
-    scorer = make_soft_scorer(text_encoder(policy, trainer.codec, cfg.reward_model.max_length), head, batch_size=32)
+    scorer = make_soft_scorer(text_encoder(policy, codec, cfg.reward_model.max_length), head, batch_size=32)
     probs = scorer([r["response"] for r in rows], [r["constraint"] for r in rows]).astype(np.float64)
     labels = np.array([r["label"] for r in rows], np.float64)
     eps = 1e-7
@@ -136,7 +111,7 @@ def evaluate_classifier(trainer: Trainer) -> dict[str, float]:
         "recall_positive": float(np.mean(probs[labels == 1] > 0.5)) if (labels == 1).any() else float("nan"),
         "recall_negative": float(np.mean(probs[labels == 0] <= 0.5)) if (labels == 0).any() else float("nan"),
     }
-    (trainer.run_dir / EVAL_FILE).write_text(json.dumps({"split": cfg.eval.split, **out}, indent=2) + "\n")
+    (run_dir / EVAL_FILE).write_text(json.dumps({"split": cfg.eval.split, **out}, indent=2) + "\n")
     print(f"[pf_jax] constraint classifier on {cfg.data.source} [{cfg.eval.split}]: " +
           ", ".join(f"{k}={v:.4g}" for k, v in out.items()))
     return out

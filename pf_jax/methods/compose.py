@@ -1,0 +1,116 @@
+"""A recipe's method, composed: its objective, the kind of its response source and the response source
+itself, and the check that the recipe gives the method what it needs (before any weights load)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pf_jax.config import ConfigError, load_config
+from pf_jax.config.recipe import TrainConfig
+from pf_jax.data.codec import TextCodec
+from pf_jax.methods.env_rollouts import EnvRollouts
+from pf_jax.methods.prompts import SAMPLED
+from pf_jax.methods.protocols import Needs, Objective, ResponseSource
+from pf_jax.methods.registry import METHODS, Method, get_method, keeps_reference
+from pf_jax.methods.responses import (
+    DatasetCompletions,
+    DatasetPairs,
+    LabelledTextsSource,
+    PairsFromSamples,
+    PolicySamples,
+)
+from pf_jax.methods.scoring import Scorer
+from pf_jax.rewards.text_rewards import RewardFn
+from pf_jax.sampling.texts import generation_config
+from pf_jax.tasks.rewards import INTERNAL_REWARDS, answer_format, build_reward
+
+COMPLETION_KINDS = ("dataset", "policy", "reference")  # what `method.responses` may switch between
+
+
+@dataclass(frozen=True)
+class Composition:
+    """method: the registry record; objective: built for the recipe; kind: the response source kind;
+    reference: a frozen copy of the initial policy is kept."""
+
+    method: Method
+    objective: Objective
+    kind: str
+    reference: bool
+
+    @property
+    def samples(self) -> bool:
+        """Responses come from the sampler (policy, reference or environment), not from the data."""
+        return self.kind in SAMPLED
+
+    @property
+    def trains_policy(self) -> bool:
+        """False when only a head trains (the classifier with reward_model.freeze_backbone)."""
+        return getattr(self.objective, "trains_policy", True)
+
+
+def check_recipe(cfg: TrainConfig) -> Method:
+    """The recipe's method, after checking that the recipe fits it: a known name (the nearest named
+    otherwise), a reward where the method needs one, a `method.responses` switch it can take."""
+    m = get_method(cfg.method.name)
+    if m.reward and cfg.reward.name is None:
+        raise ConfigError(f"method {m.name!r} needs a reward: set reward.name (one of the rewards in "
+                          "pf_jax.tasks.rewards.REWARDS)")
+    if cfg.method.responses is not None and m.responses not in COMPLETION_KINDS:
+        raise ConfigError(f"method.responses={cfg.method.responses!r}: method {m.name!r} trains on "
+                          f"{m.responses!r} responses, which cannot be switched (method.responses applies to "
+                          f"{', '.join(n for n, x in METHODS.items() if x.responses in COMPLETION_KINDS)})")
+    return m
+
+
+def load_recipe(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:
+    """`load_config(TrainConfig, path, overrides)` checked against its method (check_recipe)."""
+    cfg = load_config(TrainConfig, path, overrides)
+    check_recipe(cfg)
+    return cfg
+
+
+def compose(cfg: TrainConfig) -> Composition:
+    """The recipe's method with its objective built (a misspelt `method.loss` key is a ConfigError here)."""
+    m = check_recipe(cfg)
+    kind = cfg.method.responses or m.responses
+    return Composition(m, m.build(cfg, m), kind, keeps_reference(cfg, m))
+
+
+def response_source(cfg: TrainConfig, composition: Composition, codec: TextCodec, scorer: Scorer,
+                    reward: RewardFn | None = None) -> ResponseSource:
+    """The response source of the composition's kind, computing what its objective needs; `reward`: the
+    recipe's text reward (recipe_reward), for the sampled kinds."""
+    needs, kind = composition.objective.needs, composition.kind
+    if kind in ("dataset", "kto"):
+        return DatasetCompletions(codec, scorer, needs, field="answer" if kind == "dataset" else "completion")
+    if kind == "pairs":
+        return DatasetPairs(codec, scorer, needs)
+    if kind == "labelled":
+        return LabelledTextsSource(codec, cfg.reward_model.max_length)
+    gen = generation_config(cfg.rollout, codec)
+    if kind == "env":
+        return EnvRollouts(cfg.env, codec, gen, scorer, needs, cfg.data.max_prompt_tokens)
+    samples = _policy_samples(cfg, codec, scorer, gen, needs, reward, sample_from=kind)
+    return PairsFromSamples(samples, scorer) if kind == "sample_pairs" else samples
+
+
+def _policy_samples(cfg: TrainConfig, codec: TextCodec, scorer: Scorer, gen: Any, needs: Needs,
+                    reward: RewardFn | None, *, sample_from: str) -> PolicySamples:
+    internal = cfg.reward.name if cfg.reward.name in INTERNAL_REWARDS else None
+    if sample_from == "sample_pairs":  # the pairs are ranked by reward
+        needs, sample_from = Needs(reward=True), "policy"
+    return PolicySamples(codec, gen, scorer, needs, cfg.rollout.samples_per_prompt, reward, internal,
+                         cfg.reward.scale, answer_format(cfg.reward.name, cfg.data.source), sample_from)
+
+
+def recipe_reward(cfg: TrainConfig) -> RewardFn | None:
+    """The recipe's text reward (None: no reward, or an internal one computed from the policy)."""
+    if cfg.reward.name is None:
+        return None
+    try:
+        return build_reward(cfg.reward.name, cfg.reward.scale, soft_scorer=cfg.reward.soft_scorer)
+    except ValueError as error:
+        raise ConfigError(f"reward.name: {error}") from error
+

@@ -1,0 +1,87 @@
+"""Evaluation hooks of a run: what scores the policy before training (base), every eval.every_steps, and
+after training, chosen once for the recipe's task.
+
+    HeldOutAccuracy       eval.samples answers per held-out problem (eval.split of data.source) at
+                          eval.temperature, checked by the task's answer checker: avg@k, maj@k, pass@k,
+                          diversity (pf_jax.evaluation.scoring)
+    InstructionEvaluator  the instruction reward on held-out instructions (pf_jax.tasks.instructions)
+
+An evaluator is called with a model and a key and takes no trainer: what it reads is given when it is made.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+
+from pf_jax.config import DataConfig
+from pf_jax.config.recipe import TrainConfig
+from pf_jax.data.codec import TextCodec
+from pf_jax.evaluation.answer_checkers import AnswerChecker
+from pf_jax.evaluation.scoring import MethodResult, Problem, score_responses
+from pf_jax.methods.compose import Composition
+from pf_jax.models.decoder import Decoder
+from pf_jax.rewards.text_rewards import RewardFn
+from pf_jax.sampling.texts import generation_config, sample_texts
+from pf_jax.tasks.instructions.evaluation import evaluate_instruction_reward
+from pf_jax.tasks.instructions.rows import instruction_source_kind
+from pf_jax.tasks.rewards import heldout_checker
+from pf_jax.tasks.sources import load_prompt_rows
+
+
+class Evaluator(Protocol):
+    def __call__(self, name: str, model: Decoder, *, key: jax.Array) -> MethodResult | None: ...
+
+
+@dataclass
+class HeldOutAccuracy:
+    cfg: TrainConfig
+    codec: TextCodec
+    checker: AnswerChecker
+    trained_settings: dict[str, Any]  # settings that describe the trained policy (e.g. PowerFlow's alpha)
+
+    def problems(self) -> list[Problem]:
+        """The first eval.problems rows of eval.split, with their reference answers."""
+        data = DataConfig(**{**self.cfg.data.model_dump(), "split": self.cfg.eval.split, "answer_field": "answer"})
+        rows = list(load_prompt_rows(data).rows)[: self.cfg.eval.problems]
+        return [Problem(r["prompt"], r["answer"], str(i)) for i, r in enumerate(rows)]
+
+    def __call__(self, name: str, model: Decoder, *, key: jax.Array) -> MethodResult:
+        e, problems = self.cfg.eval, self.problems()
+        gen = generation_config(self.cfg.rollout, self.codec, temperature=e.temperature)
+        texts, index = sample_texts(model, self.codec, [p.prompt for p in problems], e.samples, key, gen, chunk=64)
+        per_problem = [[t for t, i in zip(texts, index) if i == j] for j in range(len(problems))]
+        settings = {"method": name, "temperature": e.temperature, "samples": e.samples}
+        if name != "base":
+            settings.update(self.trained_settings)
+        return score_responses(name, problems, per_problem, self.checker, settings)
+
+
+@dataclass
+class InstructionEvaluator:
+    cfg: TrainConfig
+    codec: TextCodec
+    reward: RewardFn
+    run_dir: Path
+
+    def __call__(self, name: str, model: Decoder, *, key: jax.Array) -> None:
+        """Writes <run_dir>/instruction_eval_<name>.json; no accuracy table to report."""
+        evaluate_instruction_reward(name, model, self.codec, self.reward, self.cfg, self.run_dir, key=key)
+
+
+def evaluator_for(cfg: TrainConfig, composition: Composition, codec: TextCodec, reward: RewardFn | None,
+                  run_dir: Path) -> Evaluator | None:
+    """The recipe's evaluator: the instruction reward for instruction tasks, held-out accuracy where the
+    task has reference answers to check; None when evaluation is off or there is nothing to check."""
+    if not cfg.eval.enabled:
+        return None
+    if cfg.reward.name == "instructions" and instruction_source_kind(cfg.data) and reward is not None:
+        return InstructionEvaluator(cfg, codec, reward, run_dir)
+    checker = heldout_checker(cfg.reward.name, cfg.data.source)
+    if checker is None or composition.kind == "env":
+        return None
+    alpha = getattr(composition.objective, "alpha", None)
+    return HeldOutAccuracy(cfg, codec, checker, {} if alpha is None else {"alpha": alpha})
