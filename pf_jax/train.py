@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from pf_jax.config import ConfigError, load_config
 from pf_jax.config.loading import parse_cli_args
-from pf_jax.training.model_source import CONFIGS_DIR
+from pf_jax.config.recipe import CONFIGS_DIR
 
 DEFAULT_RECIPE = CONFIGS_DIR / "default.yaml"
 

@@ -7,6 +7,7 @@ from (`method.responses`, defaulted by the method), and the gradient coefficient
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import Field
@@ -15,6 +16,11 @@ from pf_jax.config.mesh import MeshConfig
 from pf_jax.config.sections import CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig, Section
 
 DType = Literal["float32", "bfloat16"]
+
+# The shipped recipes (default.yaml, the arithmetic and maze base models, the at-scale recipes, the model
+# configs the dry run reads offline): package data, so an installed pf_jax finds them wherever it runs. A
+# checkout's top-level configs/ is a link to this folder.
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 class CurriculumSection(Section):

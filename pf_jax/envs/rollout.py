@@ -100,11 +100,35 @@ def run_rollouts(
 ) -> list[Episode]:
     """Roll out `group_size` episodes of every (task, seed); group i = the runs of tasks[i].
 
-    Episodes are returned grouped: tasks[0]'s group first, in run order.
+    Episodes are returned grouped: tasks[0]'s group first, in run order. Every turn, the live episodes'
+    requests go to the policy in one call.
     """
     config = config or RolloutConfig()
     if group_size < 1:
         raise ValueError(f"run_rollouts: group_size must be >= 1, got {group_size}")
+    envs, episodes, observations = _start(make_env, tasks, group_size)
+    live = list(range(len(envs)))
+    for turn in range(config.max_steps):
+        if not live:
+            break
+        requests = [_request(envs[i], episodes[i], observations[i], i, turn, config) for i in live]
+        responses = policy(requests)
+        if len(responses) != len(requests):
+            raise ValueError(f"policy returned {len(responses)} responses for {len(requests)} requests")
+        live = [r.episode_index for r, response in zip(requests, responses)
+                if not _act(envs, episodes, observations, r, response, config)]
+    for i in live:
+        episodes[i].truncated = True
+    for env in envs:
+        close = getattr(env, "close", None)
+        if close is not None:
+            close()
+    return episodes
+
+
+def _start(make_env: Callable[[], TextEnv], tasks: Sequence[tuple[str, int]], group_size: int
+           ) -> tuple[list[TextEnv], list[Episode], list[str]]:
+    """A fresh environment, episode record and first observation for each of the group_size runs of each task."""
     envs: list[TextEnv] = []
     episodes: list[Episode] = []
     observations: list[str] = []
@@ -115,58 +139,30 @@ def run_rollouts(
             envs.append(env)
             observations.append(first)
             episodes.append(Episode(task, seed, group_id, env.state_key, first))
-    live = list(range(len(envs)))
-    for turn in range(config.max_steps):
-        if not live:
-            break
-        requests = []
-        for i in live:
-            env = envs[i]
-            messages = build_messages(
-                env.instructions,
-                episodes[i].initial_observation,
-                episodes[i].steps,
-                observations[i],
-                env.admissible_actions,
-                config,
-            )
-            requests.append(TurnRequest(i, turn, messages, observations[i], env.admissible_actions))
-        responses = policy(requests)
-        if len(responses) != len(requests):
-            raise ValueError(f"policy returned {len(responses)} responses for {len(requests)} requests")
-        still_live = []
-        for request, response in zip(requests, responses):
-            i, env = request.episode_index, envs[request.episode_index]
-            action = parse_action(response.text, require_tags=config.require_action_tags)
-            state_key = env.state_key
-            result = env.step(action if action is not None else "")
-            episodes[i].steps.append(
-                Step(
-                    state_key=state_key,
-                    observation=observations[i],
-                    response_text=response.text,
-                    action=action,
-                    env_reward=result.reward,
-                    valid=result.valid and action is not None,
-                    next_state_key=result.state_key,
-                    done=result.done,
-                    admissible_actions=request.admissible_actions,
-                    response_tokens=response.tokens,
-                    response_logprobs=response.logprobs,
-                    prompt_messages=request.messages,
-                    prompt_tokens=response.prompt_tokens,
-                )
-            )
-            observations[i] = result.observation
-            if result.done:
-                episodes[i].won = result.won
-            else:
-                still_live.append(i)
-        live = still_live
-    for i in live:
-        episodes[i].truncated = True
-    for env in envs:
-        close = getattr(env, "close", None)
-        if close is not None:
-            close()
-    return episodes
+    return envs, episodes, observations
+
+
+def _request(env: TextEnv, episode: Episode, observation: str, index: int, turn: int,
+             config: RolloutConfig) -> TurnRequest:
+    messages = build_messages(env.instructions, episode.initial_observation, episode.steps, observation,
+                              env.admissible_actions, config)
+    return TurnRequest(index, turn, messages, observation, env.admissible_actions)
+
+
+def _act(envs: list[TextEnv], episodes: list[Episode], observations: list[str], request: TurnRequest,
+         response: PolicyResponse, config: RolloutConfig) -> bool:
+    """Play the response's action in its environment and record the step; True when the episode ended."""
+    i, env = request.episode_index, envs[request.episode_index]
+    action = parse_action(response.text, require_tags=config.require_action_tags)
+    state_key = env.state_key
+    result = env.step(action if action is not None else "")
+    episodes[i].steps.append(Step(
+        state_key=state_key, observation=observations[i], response_text=response.text, action=action,
+        env_reward=result.reward, valid=result.valid and action is not None, next_state_key=result.state_key,
+        done=result.done, admissible_actions=request.admissible_actions, response_tokens=response.tokens,
+        response_logprobs=response.logprobs, prompt_messages=request.messages, prompt_tokens=response.prompt_tokens,
+    ))
+    observations[i] = result.observation
+    if result.done:
+        episodes[i].won = result.won
+    return result.done

@@ -2,7 +2,7 @@
 clipped value loss, GSPO (sequence-level ratio and its token variant), and the entropy bonus.
 
 GRPO, Dr.GRPO, DAPO, RLOO and REINFORCE++ are all ``ppo_clip_loss`` with their own advantages,
-clip ranges, KL term and aggregation: see pf_jax.losses.registry. Old/reference log-probs and advantages
+clip ranges, KL term and aggregation: see pf_jax.methods.registry. Old/reference log-probs and advantages
 are detached inside every function, so callers cannot leak gradients into them.
 """
 

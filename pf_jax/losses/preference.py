@@ -36,6 +36,16 @@ def _pair_metrics(chosen_reward: Array, rejected_reward: Array, beta: float) -> 
     }
 
 
+def _scaled_margin(
+    name: str, pc: Array, pr: Array, rc: Array, rr: Array, cm: Array, rm: Array, beta: float, label_smoothing: float
+) -> tuple[Array, dict[str, Array]]:
+    """(beta h per pair, the pair metrics) of the DPO family with label smoothing eps in [0, 0.5)."""
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"{name} label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    chosen_reward, rejected_reward = _margin(pc, pr, rc, rr, cm, rm)
+    return beta * (chosen_reward - rejected_reward), _pair_metrics(chosen_reward, rejected_reward, beta)
+
+
 def dpo_loss(
     policy_chosen_logp: Array,  # [B, Tc]
     policy_rejected_logp: Array,  # [B, Tr]
@@ -53,19 +63,10 @@ def dpo_loss(
 
     At pi = pi_ref (h = 0) and eps = 0 the loss is log 2.
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"dpo_loss label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    cr, rr = _margin(
-        policy_chosen_logp,
-        policy_rejected_logp,
-        ref_chosen_logp,
-        ref_rejected_logp,
-        chosen_mask,
-        rejected_mask,
-    )
-    z = beta * (cr - rr)
+    z, metrics = _scaled_margin("dpo_loss", policy_chosen_logp, policy_rejected_logp, ref_chosen_logp,
+                                ref_rejected_logp, chosen_mask, rejected_mask, beta, label_smoothing)
     losses = -(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) - label_smoothing * jax.nn.log_sigmoid(-z)
-    return jnp.mean(losses), _pair_metrics(cr, rr, beta)
+    return jnp.mean(losses), metrics
 
 
 def robust_dpo_loss(
@@ -82,21 +83,12 @@ def robust_dpo_loss(
 
     L = mean_i [ -(1 - eps) log sigma(beta h_i) + eps log sigma(-beta h_i) ] / (1 - 2 eps)
     """
-    if not 0.0 <= label_smoothing < 0.5:
-        raise ValueError(f"robust_dpo_loss label_smoothing must be in [0, 0.5), got {label_smoothing}")
-    cr, rr = _margin(
-        policy_chosen_logp,
-        policy_rejected_logp,
-        ref_chosen_logp,
-        ref_rejected_logp,
-        chosen_mask,
-        rejected_mask,
-    )
-    z = beta * (cr - rr)
+    z, metrics = _scaled_margin("robust_dpo_loss", policy_chosen_logp, policy_rejected_logp, ref_chosen_logp,
+                                ref_rejected_logp, chosen_mask, rejected_mask, beta, label_smoothing)
     losses = (-(1.0 - label_smoothing) * jax.nn.log_sigmoid(z) + label_smoothing * jax.nn.log_sigmoid(-z)) / (
         1.0 - 2.0 * label_smoothing
     )
-    return jnp.mean(losses), _pair_metrics(cr, rr, beta)
+    return jnp.mean(losses), metrics
 
 
 def ipo_loss(

@@ -10,6 +10,7 @@ reads the weights in place instead of copying each scanned slice (measured: deco
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import jax
@@ -152,65 +153,37 @@ class Decoder(nnx.Module):
         Returns the final-normed hidden states [B, T, D] and the updated cache (or None).
         """
         cfg, ops = self.cfg, ops or self.ops
-        b, t = tokens.shape
-        valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
+        valid = jnp.ones(tokens.shape, bool) if attention_mask is None else attention_mask.astype(bool)
         positions = positions.astype(jnp.int32)
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
         x = constrain(x, EMBED_LAYOUT)
         mask, index, k_valid, k_positions = self._attention_mask(valid, positions, cache)
-        inv_freq = np.array([rope_inverse_frequencies(cfg, sliding=s) for s in cfg.is_sliding], np.float32)
-        windows = np.array([cfg.sliding_window if s else NO_WINDOW for s in cfg.is_sliding], np.int32)
-        fresh = cache is not None and prefill
-        scale, softcap = cfg.attention_scale, cfg.attn_logit_softcap
-
-        def block(carry, layer):
-            x, k_all, v_all = carry
-            p, inv_freq_l, window, layer_index = layer
-            p = {name: w.astype(self.dtype) for name, w in p.items()}
-            norm = lambda y, w: rms_norm(y, w, eps=cfg.rms_norm_eps, offset=cfg.norm_weight_offset)
-
-            h = constrain(norm(x, p["attn_norm"]), EMBED_LAYOUT)
-            q, k, v = ops.qkv(h, p, layer_index)
-            if cfg.attention_bias:
-                q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
-            if cfg.qk_norm:
-                q, k = norm(q, p["q_norm"]), norm(k, p["k_norm"])
-            q, k = apply_rope(q, positions, inv_freq_l), apply_rope(k, positions, inv_freq_l)
-            if k_all is None:
-                a = ops.self_attention(q, k, v, mask, window, scale=scale, softcap=softcap)
-            else:
-                k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer_index, 0, index, 0, 0))
-                v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer_index, 0, index, 0, 0))
-                a = ops.cached_attention(q, k, v, k_all, v_all, layer_index, mask, window, fresh=fresh, scale=scale,
-                                         softcap=softcap)
-            a = ops.out(a, p, layer_index)
-            x = x + (norm(a, p["post_attn_norm"]) if cfg.sandwich_norm else a)
-
-            h = constrain(norm(x, p["mlp_norm"]), EMBED_LAYOUT)
-            gate, up = ops.gate_up(h, p, layer_index)
-            gate = jax.nn.silu(gate) if cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-            m = ops.down(constrain(gate * up, MLP_LAYOUT), p, layer_index)
-            x = x + (norm(m, p["post_mlp_norm"]) if cfg.sandwich_norm else m)
-            return (x, k_all, v_all), None
-
-        if self.remat:
-            block = jax.checkpoint(block)
+        layers = _LayerPass(cfg, ops, self.dtype, positions, mask, index, fresh=cache is not None and prefill)
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
-        if self.scan_layers:
-            xs = (self.layers.arrays(), inv_freq, windows, np.arange(cfg.num_layers, dtype=np.int32))
-            carry, _ = jax.lax.scan(block, carry, xs)
-        else:
-            for i, layer in enumerate(self.layers):
-                params = {name: w[0] for name, w in layer.arrays().items()}
-                carry, _ = block(carry, (params, inv_freq[i], windows[i], i))
-        x, k_all, v_all = carry
+        x, k_all, v_all = self._run_layers(layers, carry)
         x = rms_norm(x, self.final_norm[...], eps=cfg.rms_norm_eps, offset=cfg.norm_weight_offset)
         x = constrain(x, EMBED_LAYOUT)
         if cache is None:
             return x, None
-        return x, KVCache(k=k_all, v=v_all, valid=k_valid, positions=k_positions, index=index + t)
+        return x, KVCache(k=k_all, v=v_all, valid=k_valid, positions=k_positions, index=index + tokens.shape[1])
+
+    def _run_layers(self, layers: _LayerPass, carry: tuple) -> tuple:
+        """The blocks over (x, the stacked keys, values or None): one lax.scan over the stacked layers, or the
+        unrolled layers; each rematerialised in the backward pass with `remat`. Per-layer differences
+        (RoPE base, sliding window) are arrays indexed by layer, not Python branches."""
+        cfg = self.cfg
+        inv_freq = np.array([rope_inverse_frequencies(cfg, sliding=s) for s in cfg.is_sliding], np.float32)
+        windows = np.array([cfg.sliding_window if s else NO_WINDOW for s in cfg.is_sliding], np.int32)
+        block = jax.checkpoint(layers.block) if self.remat else layers.block
+        if self.scan_layers:
+            xs = (self.layers.arrays(), inv_freq, windows, np.arange(cfg.num_layers, dtype=np.int32))
+            return jax.lax.scan(block, carry, xs)[0]
+        for i, layer in enumerate(self.layers):
+            params = {name: w[0] for name, w in layer.arrays().items()}
+            carry, _ = block(carry, (params, inv_freq[i], windows[i], i))
+        return carry
 
     def _attention_mask(self, valid: Array, positions: Array, cache: KVCache | None
                         ) -> tuple[AttentionMask, Array | int, Array, Array]:
@@ -248,3 +221,61 @@ def with_layer_layout(model: Decoder, *, scan_layers: bool) -> Decoder:
             for i, layer in enumerate(new.layers):
                 getattr(layer, name).set_value(stacked[i : i + 1])
     return new
+
+
+@dataclasses.dataclass(frozen=True)
+class _LayerPass:
+    """What every block of one forward pass shares: the config, the implementation (pf_jax.models.ops),
+    the compute dtype, the tokens' positions, the attention mask, the cache slot of the first new token,
+    and whether the cache held nothing before (a prefill: self-attention among the new tokens)."""
+
+    cfg: ModelConfig
+    ops: XlaOps
+    dtype: jnp.dtype
+    positions: Array
+    mask: AttentionMask
+    index: Array | int
+    fresh: bool
+
+    def norm(self, y: Array, w: Array) -> Array:
+        return rms_norm(y, w, eps=self.cfg.rms_norm_eps, offset=self.cfg.norm_weight_offset)
+
+    def block(self, carry: tuple, layer: tuple) -> tuple[tuple, None]:
+        """One pre-norm transformer block (sandwich norms for Gemma 3): x + attn(norm x), then + mlp(norm x)."""
+        x, k_all, v_all = carry
+        p, inv_freq, window, layer_index = layer
+        p = {name: w.astype(self.dtype) for name, w in p.items()}
+        a, k_all, v_all = self.attention(x, k_all, v_all, p, inv_freq, window, layer_index)
+        x = x + (self.norm(a, p["post_attn_norm"]) if self.cfg.sandwich_norm else a)
+        m = self.mlp(x, p, layer_index)
+        x = x + (self.norm(m, p["post_mlp_norm"]) if self.cfg.sandwich_norm else m)
+        return (x, k_all, v_all), None
+
+    def attention(self, x: Array, k_all: Array | None, v_all: Array | None, p: dict[str, Array], inv_freq: Array,
+                  window: Array | int, layer: Array | int) -> tuple[Array, Array | None, Array | None]:
+        """(the attention output projected back to D, the stacked keys and values with this layer's new ones
+        written at the pass's slots, or None without a cache)."""
+        cfg, ops = self.cfg, self.ops
+        h = constrain(self.norm(x, p["attn_norm"]), EMBED_LAYOUT)
+        q, k, v = ops.qkv(h, p, layer)
+        if cfg.attention_bias:
+            q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
+        if cfg.qk_norm:
+            q, k = self.norm(q, p["q_norm"]), self.norm(k, p["k_norm"])
+        q, k = apply_rope(q, self.positions, inv_freq), apply_rope(k, self.positions, inv_freq)
+        scale, softcap = cfg.attention_scale, cfg.attn_logit_softcap
+        if k_all is None:
+            a = ops.self_attention(q, k, v, self.mask, window, scale=scale, softcap=softcap)
+        else:
+            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, self.index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, self.index, 0, 0))
+            a = ops.cached_attention(q, k, v, k_all, v_all, layer, self.mask, window, fresh=self.fresh, scale=scale,
+                                     softcap=softcap)
+        return ops.out(a, p, layer), k_all, v_all
+
+    def mlp(self, x: Array, p: dict[str, Array], layer: Array | int) -> Array:
+        """down(act(gate(norm x)) * up(norm x)), act = SiLU (Llama, Qwen) or tanh-GELU (Gemma)."""
+        h = constrain(self.norm(x, p["mlp_norm"]), EMBED_LAYOUT)
+        gate, up = self.ops.gate_up(h, p, layer)
+        gate = jax.nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
+        return self.ops.down(constrain(gate * up, MLP_LAYOUT), p, layer)

@@ -189,13 +189,7 @@ def plan_memory(
         rows.append(MemoryRow("sampler policy copy", *sharded_bytes(copy, mesh, s_rules),
                               f"{np.dtype(compute_dtype).name}, sampler layout (no fsdp)"))
     if kv_cache is not None:
-        batch, max_len = kv_cache
-        cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, kv_dtype))
-        kv_names = ("layers", "batch", "length", "kv_heads", "head_dim")
-        k_total, k_dev = sharded_bytes(cache.k, mesh, s_rules, kv_names)
-        m_total, m_dev = sharded_bytes((cache.valid, cache.positions), mesh, s_rules, ("batch", "length"))
-        rows.append(MemoryRow("KV cache", 2 * k_total + m_total, 2 * k_dev + m_dev,
-                              f"batch {batch} x {max_len} slots, {np.dtype(kv_dtype).name}"))
+        rows.append(kv_cache_row(cfg, kv_cache, kv_dtype, mesh, s_rules))
 
     temp, note = None, "not reported: no train_batch given"
     if train_batch is not None and compile_step:
@@ -203,6 +197,18 @@ def plan_memory(
                                               compute_dtype=compute_dtype, remat=remat, rules=rules)
     return MemoryPlan(name or f"{cfg.architecture} ({num_params / 1e9:.2f}B params)", num_params, mesh,
                       tuple(rows), temp, note)
+
+
+def kv_cache_row(cfg: ModelConfig, kv_cache: tuple[int, int], kv_dtype: Any, mesh: Mapping[str, int],
+                 rules: Rules) -> MemoryRow:
+    """The sampler's KV cache of (batch, slots): keys and values [L, B, S, KVH, Dh], valid flags and positions."""
+    batch, max_len = kv_cache
+    cache = jax.eval_shape(lambda: KVCache.init(cfg, batch, max_len, kv_dtype))
+    kv_names = ("layers", "batch", "length", "kv_heads", "head_dim")
+    k_total, k_dev = sharded_bytes(cache.k, mesh, rules, kv_names)
+    m_total, m_dev = sharded_bytes((cache.valid, cache.positions), mesh, rules, ("batch", "length"))
+    return MemoryRow("KV cache", 2 * k_total + m_total, 2 * k_dev + m_dev,
+                     f"batch {batch} x {max_len} slots, {np.dtype(kv_dtype).name}")
 
 
 def compiled_step_temp_bytes(cfg: ModelConfig, mesh_shape: Sequence[int], tx: Any, train_batch: tuple[int, int],

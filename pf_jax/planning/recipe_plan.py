@@ -35,14 +35,13 @@ import jax
 import jax.numpy as jnp
 
 from pf_jax.config import ConfigError
-from pf_jax.config.recipe import ModelSection, TrainConfig
+from pf_jax.config.recipe import CONFIGS_DIR, ModelSection, TrainConfig
 from pf_jax.data.sequences import bucket_length
 from pf_jax.methods.compose import compose
 from pf_jax.models.config import ModelConfig
 from pf_jax.planning.memory_plan import MemoryPlan, plan_memory
 from pf_jax.training.model_source import (
     BUILT_IN_BASES,
-    CONFIGS_DIR,
     built_in_base_directory,
     tiny_model_config,
 )

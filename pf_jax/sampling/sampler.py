@@ -192,21 +192,7 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         token, policy_logp, sample_logp = sample_next_token(
             jax.random.fold_in(key, i), model.logits(hidden[:, None], ops=ops)[:, 0], config.sampling, excluded,
             rowwise=layout.rowwise)
-        active = ~carry["done"]
-        is_eos, is_stop = jnp.isin(token, eos), jnp.isin(token, stop)
-        ended = active & (is_eos | is_stop)
-        put = lambda buf, value, fill: buf.at[:, i].set(jnp.where(active, value, fill))
-        return dict(
-            carry,
-            i=i + 1,
-            tokens=put(carry["tokens"], token, pad),
-            response_mask=put(carry["response_mask"], True, False),
-            policy_logprobs=put(carry["policy_logprobs"], policy_logp, 0.0),
-            sampling_logprobs=put(carry["sampling_logprobs"], sample_logp, 0.0),
-            lengths=carry["lengths"] + active.astype(jnp.int32),
-            finish_reason=jnp.where(ended, jnp.where(is_eos, FINISH_EOS, FINISH_STOP), carry["finish_reason"]),
-            done=carry["done"] | ended,
-        )
+        return _record(carry, i, token, policy_logp, sample_logp, eos=eos, stop=stop, pad=pad)
 
     def keep_going(carry: dict[str, Array]) -> Array:
         return (carry["i"] < steps) & ~jnp.all(carry["done"])
@@ -218,9 +204,15 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         h, cache = model(previous, (prompt_lengths + i - 1)[:, None], None, carry["cache"], ops=ops)
         return emit(i, h[:, 0], dict(carry, cache=layout.constrain_cache(cache)))
 
-    carry = dict(
-        i=jnp.zeros((), jnp.int32),
-        cache=cache,
+    carry = dict(i=jnp.zeros((), jnp.int32), cache=cache, **layout.constrain_rows(_empty_outputs(batch, steps, pad)))
+    carry = jax.lax.while_loop(keep_going, step, emit(carry["i"], hidden, carry))
+    names = ("tokens", "response_mask", "lengths", "finish_reason", "policy_logprobs", "sampling_logprobs")
+    return {name: carry[name] for name in names}, carry["cache"]
+
+
+def _empty_outputs(batch: int, steps: int, pad: int) -> dict[str, Array]:
+    """The decode loop's per-row outputs before the first token: all padding, every row running."""
+    return dict(
         tokens=jnp.full((batch, steps), pad, jnp.int32),
         response_mask=jnp.zeros((batch, steps), bool),
         policy_logprobs=jnp.zeros((batch, steps), jnp.float32),
@@ -229,8 +221,24 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         finish_reason=jnp.full((batch,), FINISH_LENGTH, jnp.int32),
         done=jnp.zeros((batch,), bool),
     )
-    rows = {name: value for name, value in carry.items() if name not in ("i", "cache")}
-    carry = dict(carry, **layout.constrain_rows(rows))
-    carry = jax.lax.while_loop(keep_going, step, emit(carry["i"], hidden, carry))
-    names = ("tokens", "response_mask", "lengths", "finish_reason", "policy_logprobs", "sampling_logprobs")
-    return {name: carry[name] for name in names}, carry["cache"]
+
+
+def _record(carry: dict[str, Array], i: Array, token: Array, policy_logp: Array, sample_logp: Array, *,
+            eos: Array, stop: Array, pad: int) -> dict[str, Array]:
+    """Step i's token and log-probs written for the rows still running (finished rows keep padding); a row
+    ends on an EOS ("eos") or a stop id ("stop")."""
+    active = ~carry["done"]
+    is_eos, is_stop = jnp.isin(token, eos), jnp.isin(token, stop)
+    ended = active & (is_eos | is_stop)
+    put = lambda buf, value, fill: buf.at[:, i].set(jnp.where(active, value, fill))
+    return dict(
+        carry,
+        i=i + 1,
+        tokens=put(carry["tokens"], token, pad),
+        response_mask=put(carry["response_mask"], True, False),
+        policy_logprobs=put(carry["policy_logprobs"], policy_logp, 0.0),
+        sampling_logprobs=put(carry["sampling_logprobs"], sample_logp, 0.0),
+        lengths=carry["lengths"] + active.astype(jnp.int32),
+        finish_reason=jnp.where(ended, jnp.where(is_eos, FINISH_EOS, FINISH_STOP), carry["finish_reason"]),
+        done=carry["done"] | ended,
+    )

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pf_jax.config import ConfigError
-from pf_jax.config.recipe import ModelSection
+from pf_jax.config.recipe import CONFIGS_DIR, ModelSection
 from pf_jax.data.codec import CharCodec, HFCodec, TextCodec
 from pf_jax.data.saved_codec import load_codec
 from pf_jax.models.config import ModelConfig
@@ -19,7 +19,6 @@ from pf_jax.models.hf_io import load_hf_directory
 from pf_jax.models.ops import select_ops
 from pf_jax.tasks.maze import maze_vocabulary, maze_word_codec
 
-CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 ARITH_BASE = "arith-base"
 ARITH_BASE_RECIPE = CONFIGS_DIR / "arith" / "base.yaml"
 MAZE_BASE = "maze-base"
