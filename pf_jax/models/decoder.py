@@ -21,13 +21,24 @@ from jax import Array
 
 from pf_jax.models.config import ModelConfig, rope_inverse_frequencies
 from pf_jax.models.kv_cache import KVCache
+from pf_jax.models.lora import (
+    EMBEDDING,
+    LoraSpec,
+    adapted,
+    add_adapters,
+    current_dropout_key,
+    embedding_delta,
+    plus_delta,
+)
 from pf_jax.models.ops import AttentionMask, XlaOps
+from pf_jax.models.quantized import compute_array, stored_array
 from pf_jax.sharding.mesh import constrain
 
 EMBED_LAYOUT = ("batch", "length", "embed")  # activations [B, T, D]; pinned only under activation_sharding
 MLP_LAYOUT = ("batch", "length", "mlp")  # MLP hidden [B, T, F]
 
-NO_WINDOW = XlaOps().no_window  # window of a full-attention layer: larger than any sequence
+NO_WINDOW = XlaOps().no_window
+DROPOUT_STREAMS = {name: i for i, name in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}  # window of a full-attention layer: larger than any sequence
 
 
 def rms_norm(x: Array, weight: Array, *, eps: float, offset: float) -> Array:
@@ -91,8 +102,8 @@ class DecoderLayers(nnx.Module):
         self.down = _param(normal(L, F, D), ("layers", "mlp", "embed"))
 
     def arrays(self) -> dict[str, Array]:
-        """The stacked parameter arrays by name, for lax.scan."""
-        return {name: var[...] for name, var in vars(self).items() if isinstance(var, nnx.Param)}
+        """The stacked parameter arrays by name, for lax.scan (a quantised weight as its QArray)."""
+        return {name: stored_array(var) for name, var in vars(self).items() if isinstance(var, nnx.Param)}
 
 
 class Decoder(nnx.Module):
@@ -107,6 +118,7 @@ class Decoder(nnx.Module):
                  ops: XlaOps | None = None):
         self.cfg, self.dtype, self.param_dtype, self.remat = cfg, dtype, param_dtype, remat
         self.scan_layers = scan_layers
+        self.lora: LoraSpec | None = None  # adapters on the projections (pf_jax.models.lora.add_adapters); static
         self.ops = ops or XlaOps()  # the program's implementation (pf_jax.models.ops.select_ops); static
         V, D = cfg.vocab_size, cfg.hidden_size
         normal = lambda *shape: (0.02 * jax.random.normal(rngs.params(), shape)).astype(param_dtype)
@@ -125,7 +137,8 @@ class Decoder(nnx.Module):
         if self.scan_layers:
             return self.layers.arrays()
         per_layer = [layer.arrays() for layer in self.layers]
-        return {name: jnp.concatenate([p[name] for p in per_layer]) for name in per_layer[0]}
+        concat = lambda *xs: jnp.concatenate(xs)
+        return {name: jax.tree_util.tree_map(concat, *[p[name] for p in per_layer]) for name in per_layer[0]}
 
     def lm_head(self) -> Array:
         """[V, D] output projection (the embedding when tied); contract over D, never transpose."""
@@ -158,9 +171,12 @@ class Decoder(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
         if cfg.embed_scale:
             x = x * jnp.asarray(math.sqrt(cfg.hidden_size), self.dtype)
+        if self.lora is not None and EMBEDDING in self.lora.targets:
+            x = plus_delta(x, embedding_delta(self.lora, tokens, self.embed_lora_a[...], self.embed_lora_b[...]).astype(x.dtype))
         x = constrain(x, EMBED_LAYOUT)
         mask, index, k_valid, k_positions = self._attention_mask(valid, positions, cache)
-        layers = _LayerPass(cfg, ops, self.dtype, positions, mask, index, fresh=cache is not None and prefill)
+        layers = _LayerPass(cfg, ops, self.dtype, positions, mask, index, fresh=cache is not None and prefill,
+                            lora=self.lora, dropout_key=current_dropout_key())
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         x, k_all, v_all = self._run_layers(layers, carry)
         x = rms_norm(x, self.final_norm[...], eps=cfg.rms_norm_eps, offset=cfg.norm_weight_offset)
@@ -181,7 +197,7 @@ class Decoder(nnx.Module):
             xs = (self.layers.arrays(), inv_freq, windows, np.arange(cfg.num_layers, dtype=np.int32))
             return jax.lax.scan(block, carry, xs)[0]
         for i, layer in enumerate(self.layers):
-            params = {name: w[0] for name, w in layer.arrays().items()}
+            params = {name: jax.tree_util.tree_map(lambda x: x[0], w) for name, w in layer.arrays().items()}
             carry, _ = block(carry, (params, inv_freq[i], windows[i], i))
         return carry
 
@@ -207,10 +223,18 @@ class Decoder(nnx.Module):
 def with_layer_layout(model: Decoder, *, scan_layers: bool) -> Decoder:
     """The same model (same parameter values, dtypes, remat, ops) with stacked (scan) or per-layer (unrolled)
     layer storage; e.g. train scanned, then decode unrolled on CPU."""
-    new = nnx.eval_shape(lambda: Decoder(model.cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
-                                         param_dtype=model.param_dtype, remat=model.remat,
-                                         scan_layers=scan_layers, ops=model.ops))
+    def empty() -> Decoder:
+        out = Decoder(model.cfg, rngs=nnx.Rngs(0), dtype=model.dtype, param_dtype=model.param_dtype,
+                      remat=model.remat, scan_layers=scan_layers, ops=model.ops)
+        if model.lora is not None:
+            add_adapters(out, model.lora, rngs=nnx.Rngs(0))
+        return out
+
+    new = nnx.eval_shape(empty)
     new.embed.set_value(model.embed[...])
+    if model.lora is not None and EMBEDDING in model.lora.targets:
+        new.embed_lora_a.set_value(model.embed_lora_a[...])
+        new.embed_lora_b.set_value(model.embed_lora_b[...])
     new.final_norm.set_value(model.final_norm[...])
     if not model.cfg.tie_embeddings:
         new.lm_head_weight.set_value(model.lm_head_weight[...])
@@ -219,7 +243,7 @@ def with_layer_layout(model: Decoder, *, scan_layers: bool) -> Decoder:
             getattr(new.layers, name).set_value(stacked)
         else:
             for i, layer in enumerate(new.layers):
-                getattr(layer, name).set_value(stacked[i : i + 1])
+                getattr(layer, name).set_value(jax.tree_util.tree_map(lambda x, i=i: x[i : i + 1], stacked))
     return new
 
 
@@ -236,6 +260,17 @@ class _LayerPass:
     mask: AttentionMask
     index: Array | int
     fresh: bool
+    lora: LoraSpec | None = None
+    dropout_key: Array | None = None  # the adapters' dropout while training (pf_jax.models.lora)
+
+    def adapted(self, y: Array, x: Array, p: dict[str, Array], name: str, layer: Array | int) -> Array:
+        """y = x W (the base projection) plus the LoRA adapter's delta of `name`, if it has one."""
+        if self.lora is None:
+            return y
+        key = None
+        if self.dropout_key is not None:
+            key = jax.random.fold_in(jax.random.fold_in(self.dropout_key, layer), DROPOUT_STREAMS[name])
+        return adapted(self.lora, y, x, p, name, key)
 
     def norm(self, y: Array, w: Array) -> Array:
         return rms_norm(y, w, eps=self.cfg.rms_norm_eps, offset=self.cfg.norm_weight_offset)
@@ -244,7 +279,7 @@ class _LayerPass:
         """One pre-norm transformer block (sandwich norms for Gemma 3): x + attn(norm x), then + mlp(norm x)."""
         x, k_all, v_all = carry
         p, inv_freq, window, layer_index = layer
-        p = {name: w.astype(self.dtype) for name, w in p.items()}
+        p = {name: compute_array(w, self.dtype) for name, w in p.items()}
         a, k_all, v_all = self.attention(x, k_all, v_all, p, inv_freq, window, layer_index)
         x = x + (self.norm(a, p["post_attn_norm"]) if self.cfg.sandwich_norm else a)
         m = self.mlp(x, p, layer_index)
@@ -257,7 +292,7 @@ class _LayerPass:
         written at the pass's slots, or None without a cache)."""
         cfg, ops = self.cfg, self.ops
         h = constrain(self.norm(x, p["attn_norm"]), EMBED_LAYOUT)
-        q, k, v = ops.qkv(h, p, layer)
+        q, k, v = (self.adapted(y, h, p, n, layer) for y, n in zip(ops.qkv(h, p, layer), ("q", "k", "v")))
         if cfg.attention_bias:
             q, k, v = q + p["q_bias"], k + p["k_bias"], v + p["v_bias"]
         if cfg.qk_norm:
@@ -271,11 +306,12 @@ class _LayerPass:
             v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, self.index, 0, 0))
             a = ops.cached_attention(q, k, v, k_all, v_all, layer, self.mask, window, fresh=self.fresh, scale=scale,
                                      softcap=softcap)
-        return ops.out(a, p, layer), k_all, v_all
+        return self.adapted(ops.out(a, p, layer), a, p, "o", layer), k_all, v_all
 
     def mlp(self, x: Array, p: dict[str, Array], layer: Array | int) -> Array:
         """down(act(gate(norm x)) * up(norm x)), act = SiLU (Llama, Qwen) or tanh-GELU (Gemma)."""
         h = constrain(self.norm(x, p["mlp_norm"]), EMBED_LAYOUT)
-        gate, up = self.ops.gate_up(h, p, layer)
+        gate, up = (self.adapted(y, h, p, n, layer) for y, n in zip(self.ops.gate_up(h, p, layer), ("gate", "up")))
         gate = jax.nn.silu(gate) if self.cfg.activation == "silu" else jax.nn.gelu(gate, approximate=True)
-        return self.ops.down(constrain(gate * up, MLP_LAYOUT), p, layer)
+        x = constrain(gate * up, MLP_LAYOUT)
+        return self.adapted(self.ops.down(x, p, layer), x, p, "down", layer)

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from pf_jax.kernels import matmul_nn, matmul_nt, matmul_packed, pack_nn
 from pf_jax.kernels.attention import decode_attention
+from pf_jax.models.quantized import compute_array
 from pf_jax.sharding.mesh import DEFAULT_RULES
 
 Layer = dict[str, Array]  # one layer's weights by name (q, k, v, o, gate, up, down, ...), compute dtype
@@ -274,7 +275,7 @@ def pack_projections(model) -> tuple[Layer, ...]:
         raise ValueError("packed projections need unrolled layers (with_layer_layout(model, scan_layers=False))")
     d, packed = model.cfg.hidden_size, []
     for layer in model.layers:
-        p = {name: w[0].astype(model.dtype) for name, w in layer.arrays().items()}
+        p = {name: compute_array(w, model.dtype)[0] for name, w in layer.arrays().items()}
         packed.append({
             "qkv": pack_nn(*(p[n].reshape(d, -1) for n in ("q", "k", "v"))),
             "o": pack_nn(p["o"].reshape(-1, d)),
