@@ -20,10 +20,12 @@ from pf_jax.models.hf_io import export_hf_directory, load_hf_directory, model_fr
 
 @pytest.fixture
 def exported(tmp_path):
-    """A valid tiny qwen2 HF directory written by us (its loading is checked against transformers elsewhere)."""
+    """A valid tiny qwen2 HF directory written by us (its loading is checked against transformers elsewhere),
+    without its SHA256SUMS: the damage below is then met by the checks a third-party directory gets."""
     model = Decoder(ModelConfig.tiny("qwen2"), rngs=nnx.Rngs(0))
     export_hf_directory(model, tmp_path)
     assert load_hf_directory(tmp_path).cfg == model.cfg
+    (tmp_path / "SHA256SUMS").unlink()
     return tmp_path
 
 

@@ -97,17 +97,26 @@ class HFCodec:
         self.tokenizer.save_pretrained(str(directory))
 
 
+def own_tokenizer_file(directory: str | Path) -> Path | None:
+    """The pf_jax word or char tokenizer file saved beside exported weights, or None (a transformers one)."""
+    from pf_jax.data.word_codec import STYLES
+
+    for name in (*(style.file for style in STYLES.values()), CHAR_TOKENIZER_FILE):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
 def load_codec(directory: str | Path, *, chat_template: bool = False, eos_ids: Sequence[int] = ()) -> TextCodec:
     """The codec saved beside exported weights: pf_jax's word or char tokenizer, else a transformers one."""
     directory = Path(directory)
-    from pf_jax.data.word_codec import STYLES, load_word_codec
+    own = own_tokenizer_file(directory)
+    if own is not None and own.name != CHAR_TOKENIZER_FILE:
+        from pf_jax.data.word_codec import load_word_codec
 
-    for style in STYLES.values():
-        if (directory / style.file).is_file():
-            return load_word_codec(directory / style.file)
-    char_file = directory / CHAR_TOKENIZER_FILE
-    if char_file.is_file():
-        spec = json.loads(char_file.read_text())
+        return load_word_codec(own)
+    if own is not None:
+        spec = json.loads(own.read_text())
         return CharCodec(CharTokenizer(spec["alphabet"]))
     from transformers import AutoTokenizer
 
