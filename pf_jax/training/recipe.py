@@ -7,6 +7,7 @@ from (`method.responses`, defaulted by the method), and the gradient coefficient
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Literal
 
 from pydantic import Field, model_validator
@@ -152,6 +153,13 @@ class EvalSection(Section):
     split: str = "test"
 
 
+class TrainingSection(Section):
+    """How the step loop guards a run: after `max_consecutive_skips` steps in a row whose every update was
+    skipped (non-finite loss, gradient or update) the run stops, saving what it had, without exporting."""
+
+    max_consecutive_skips: int = Field(20, ge=1)
+
+
 class TrainConfig(Section):
     """A whole recipe. `steps` counts rollout batches (one prompt batch each), not optimizer updates."""
 
@@ -167,7 +175,8 @@ class TrainConfig(Section):
     curriculum: CurriculumSection = CurriculumSection()
     reward_model: RewardModelSection = RewardModelSection()
     env: EnvSection = EnvSection()
-    mesh: MeshConfig = MeshConfig()  # (data, fsdp, tensor) over all devices; ignored on one device
+    mesh: MeshConfig = MeshConfig()  # (data, fsdp, tensor) over all devices; one device: all axes 1 (or -1)
+    training: TrainingSection = TrainingSection()
     steps: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
@@ -185,3 +194,27 @@ class TrainConfig(Section):
             )
         assert self.method.name in METHODS
         return self
+
+    @model_validator(mode="after")
+    def _groups_that_can_learn(self) -> TrainConfig:
+        """Group-relative estimators (GRPO, RLOO, ...) compare each response with the other samples of its
+        prompt, and the group log Z of a GFlowNet is their mean residual: a group of one gives every
+        response an advantage (residual) of exactly 0, so the run would train nothing."""
+        from pf_jax.losses import get_loss_method
+        from pf_jax.training.methods import method_spec
+
+        spec = method_spec(self.method.name)
+        if (self.method.responses or spec.responses) != "policy" or self.rollout.samples_per_prompt > 1:
+            return self
+        advantage = get_loss_method(spec.loss).advantage_fn
+        if advantage is not None and "group_ids" in inspect.signature(advantage).parameters:
+            why = f"its advantages ({advantage.__name__}) compare each sample with the others of its prompt"
+        elif spec.pairs_from_samples:
+            why = "its preference pairs are the best and the worst sample of a prompt"
+        elif spec.family == "gflownet" and self.method.log_z == "group":
+            why = "method.log_z=group estimates log Z from the samples of a prompt"
+        else:
+            return self
+        raise ValueError(f"method {self.method.name!r} with rollout.samples_per_prompt=1: {why}, and one sample "
+                         "has nothing to be compared with (every advantage is 0), so nothing would be learned; "
+                         "set rollout.samples_per_prompt >= 2")

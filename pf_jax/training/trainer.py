@@ -25,7 +25,7 @@ from pf_jax.config import ConfigError, DataConfig
 from pf_jax.config.loading import config_to_yaml
 from pf_jax.data.codec import TextCodec
 from pf_jax.data.instruction_rows import instruction_source_kind, load_instruction_rows
-from pf_jax.data.iterator import BatchIterator, IteratorState
+from pf_jax.data.iterator import BatchIterator
 from pf_jax.data.loading import load_preference_rows, load_prompt_rows, read_rows
 from pf_jax.evaluation.scoring import MethodResult, Problem, score_responses
 from pf_jax.losses import get_loss_method
@@ -33,8 +33,9 @@ from pf_jax.models.hf_io import export_hf_directory
 from pf_jax.rewards.registry import ANSWER_EXTRACTORS, ARITHMETIC_CHECKER, build_reward
 from pf_jax.training.agentic import AgenticExperience, agentic_task_rows
 from pf_jax.training.batch import SequenceBatch
-from pf_jax.training.checkpoint import Checkpointer, StopSignal
+from pf_jax.training.checkpoint import Checkpointer, StopSignal, restore_data_position
 from pf_jax.training.experience import ExperienceMaker, generation_config, sample_responses
+from pf_jax.training.guards import SkipGuard, check_prompts_fit
 from pf_jax.training.instruction_source import curriculum_batches
 from pf_jax.training.methods import MethodSpec, method_spec
 from pf_jax.training.metrics import MetricsLogger
@@ -120,6 +121,7 @@ class Trainer:
         agentic = spec.responses == "env"
         self.rows = agentic_task_rows(cfg.env) if agentic else load_training_rows(cfg, spec, self.codec)
         self.sampling = _uses_samples(cfg, spec)
+        check_prompts_fit(self.rows, lambda text: len(self.codec.encode_prompt(text)), policy.cfg, cfg, sampling=self.sampling)
         per_step = cfg.rollout.prompts_per_step if self.sampling else cfg.batch_size
         per_step = cfg.env.tasks_per_step if agentic else per_step
         self.iterator = BatchIterator(self.rows, per_step, seed=cfg.data.shuffle_seed, shuffle=cfg.data.shuffle,
@@ -269,10 +271,9 @@ class Trainer:
                 # is resharded onto this run's devices
                 target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                                 self.state)
-                restored = checkpointer.restore_latest(target)
+                restored = checkpointer.restore_latest(target, accept=lambda meta: restore_data_position(self.iterator, meta))
                 if restored is not None:
                     self.state = restored.state
-                    self.iterator.restore(IteratorState.from_json(restored.meta["data"]))
                     start = restored.step
                     print(f"[pf_jax] resumed {self.run_dir} at step {start}")
             eval_key = jax.random.fold_in(jax.random.key(cfg.seed), 10**9)
@@ -289,6 +290,7 @@ class Trainer:
             completed = start >= cfg.steps
             done = start
             finished: tuple[int, Any, dict] | None = None  # the last step finished here: (step, state, meta)
+            guard = SkipGuard.from_config(cfg, start)
             with StopSignal() as stop, _saved_on_error(lambda: self._save_finished(checkpointer, finished)):
                 for step in range(start, cfg.steps):
                     t0 = time.perf_counter()
@@ -301,19 +303,17 @@ class Trainer:
                     t2 = time.perf_counter()
                     tokens = sum(int(v.response_mask.sum()) for v in batch.values() if isinstance(v, SequenceBatch))
                     metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1, tokens_per_s=tokens / max(t2 - t0, 1e-9))
-                    if metrics.get("skipped"):
-                        print(f"[pf_jax] step {step + 1}: {int(metrics['skipped'])} update(s) skipped: non-finite "
-                              f"loss or gradient (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')})")
                     logger.log(step + 1, metrics)
                     done = step + 1
                     meta = {"data": self.iterator.state.to_json()}
                     finished = (done, self.state, meta)
                     last = step + 1 == cfg.steps
                     checkpointer.save(step + 1, self.state, meta, force=last or stop.requested)
+                    guard.observe(step + 1, metrics)
                     if last:
                         completed = True
                     if stop.requested and not last:
-                        print(f"[pf_jax] {stop.received or 'stop'} received: saved step {step + 1}, exiting")
+                        print(f"[pf_jax] {stop.received.name if stop.received else 'stop'} received: saved step {step + 1}, exiting")
                         break
                     if cfg.eval.every_steps and (step + 1) % cfg.eval.every_steps == 0 and not last:
                         mid = self.evaluate(f"step{step + 1}", self.state.params["policy"], key=eval_key)
