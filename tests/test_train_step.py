@@ -64,3 +64,18 @@ def test_bf16_compute_keeps_fp32_master_weights():
     assert not jax.tree_util.tree_all(
         jax.tree_util.tree_map(lambda a, b: bool(jnp.all(a == b)), new.params, state.params)
     )
+
+
+def test_finite_gradients_with_an_overflowing_update_are_skipped():
+    """optimizer.lr=1e39 in the probe: the loss and gradients were finite, the updated parameters were not,
+    and they were applied. The guard now checks the update too."""
+    graphdefs, tx, state = _setup(lr=3e38)
+    batch = {"x": jnp.full((2, 4), 10.0), "y": jnp.zeros(2)}
+    new, metrics = jax.jit(make_train_step(graphdefs, mse, tx))(state, batch)
+    assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+    assert float(metrics["skipped"]) == 1.0
+    chex.assert_trees_all_equal(new.params, state.params)
+    # the same step with a sane learning rate applies
+    graphdefs, tx, state = _setup(lr=1e-3)
+    new, metrics = jax.jit(make_train_step(graphdefs, mse, tx))(state, batch)
+    assert float(metrics["skipped"]) == 0.0
