@@ -118,7 +118,11 @@ def _remove_data(step_dir):
 # When one read of a damaged checkpoint fails, orbax's restore returns while tensorstore still has reads in
 # flight; they complete later and post to the event loop orbax has closed, which Python reports as an ignored
 # "Event loop is closed". That is orbax's, not the behaviour under test.
-@pytest.mark.filterwarnings("ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
+orbax_late_reads = pytest.mark.filterwarnings(
+    "ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
+
+
+@orbax_late_reads
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
@@ -358,6 +362,7 @@ def test_data_position_of_another_data_set_is_a_mismatch_not_corruption(tmp_path
     assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
 
 
+@orbax_late_reads
 def test_damaged_step_that_cannot_be_moved_is_skipped_in_place(tmp_path):
     """Before, a failed move aside stopped the fallback: the readable older step was not tried."""
     save_steps(tmp_path, [2, 4])
