@@ -86,6 +86,19 @@ def _state_mismatch(stored: Any, target: Any, limit: int = 3) -> str | None:
     return "; ".join(problems[:limit]) + more
 
 
+class _StorageTracebacksOff(logging.Filter):
+    """Orbax logs the OS error of a failed background write with its traceback, on top of the
+    CheckpointSaveError that reports it to the user: keep its line, drop the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and record.exc_info[1] is not None and _os_error(record.exc_info[1]) is not None:
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_STORAGE_TRACEBACKS_OFF = _StorageTracebacksOff()
+
+
 def _os_error(error: BaseException) -> str | None:
     """The OS error behind a failed write: an OSError, or tensorstore's ValueError carrying an errno
     (`... No space left on device [os_error_code='28']`); None for anything else."""
@@ -131,6 +144,7 @@ class Checkpointer:
             # orbax's writer threads would wait 300 s for it and hold the process open at exit
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
+        logging.getLogger("absl").addFilter(_STORAGE_TRACEBACKS_OFF)  # orbax logs through absl; added once
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
