@@ -141,6 +141,11 @@ def test_runs_dir_that_cannot_be_written(capsys, tmp_path):
     assert str(blocker) in line
 
 
+def test_export_dir_that_cannot_be_written(capsys, tmp_path):
+    write(tmp_path / "runs" / "r" / "export", "a file where the export directory should be")
+    train_fails(capsys, tmp_path, ["export=true"], "cannot write the exported weights to", "export")
+
+
 def test_checkpoint_dir_that_cannot_be_written(capsys, tmp_path):
     blocker = write(tmp_path / "blocker", "x")
     train_fails(capsys, tmp_path, [f"checkpoint.dir={blocker / 'ckpt'}"], str(blocker / "ckpt"), "Not a directory")

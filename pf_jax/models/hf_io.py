@@ -19,6 +19,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from pf_jax.config.errors import RunStorageError
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.errors import (
@@ -285,8 +286,18 @@ def _indexed_files(index_path: Path) -> list[Path]:
 
 
 def export_hf_directory(model: Decoder, path: str | os.PathLike) -> None:
-    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads unchanged."""
+    """Write config.json + model.safetensors (+ SHA256SUMS) that transformers' AutoModelForCausalLM loads
+    unchanged; config.json comes last, so a directory that has one is complete. RunStorageError names the
+    directory when it cannot be written."""
     directory = Path(path)
+    try:
+        _write_export(model, directory)
+    except OSError as error:
+        raise RunStorageError(f"cannot write the exported weights to {directory}: {error.strerror or error}",
+                              hint="free space or make it writable, then rerun the same command") from None
+
+
+def _write_export(model: Decoder, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_hf()
     config["dtype"] = {jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}.get(

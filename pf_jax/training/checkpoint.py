@@ -191,10 +191,11 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for the saves in flight and release orbax; a failure already raised is not raised again."""
+        reported = self._failed
         try:
             self.wait()
         except CheckpointSaveError:
-            if not self._failed:
+            if not reported:
                 raise
         finally:
             self._manager.close()
