@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -87,8 +88,8 @@ def _state_mismatch(stored: Any, target: Any, limit: int = 3) -> str | None:
 
 
 class _StorageTracebacksOff(logging.Filter):
-    """Orbax logs the OS error of a failed background write with its traceback, on top of the
-    CheckpointSaveError that reports it to the user: keep its line, drop the traceback."""
+    """Orbax (through absl) and asyncio log the OS error of a failed background write with its traceback,
+    on top of the CheckpointSaveError that reports it to the user: keep their line, drop the traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.exc_info and record.exc_info[1] is not None and _os_error(record.exc_info[1]) is not None:
@@ -97,6 +98,23 @@ class _StorageTracebacksOff(logging.Filter):
 
 
 _STORAGE_TRACEBACKS_OFF = _StorageTracebacksOff()
+
+
+def _drop_closed_loop_reports() -> None:
+    """When one write of a save fails (or a damaged checkpoint's read), tensorstore completes the others on
+    the event loop orbax has already closed, and Python prints each 'Event loop is closed' with a
+    traceback, at once, from a background thread: orbax's, and reported as the CheckpointSaveError (or the
+    corrupt-checkpoint warning). Only those are dropped; every other unraisable report is kept."""
+    previous = sys.unraisablehook
+    if getattr(previous, "pf_jax_closed_loop_filter", False):
+        return
+
+    def hook(unraisable: Any) -> None:
+        if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+            previous(unraisable)
+
+    hook.pf_jax_closed_loop_filter = True  # type: ignore[attr-defined]
+    sys.unraisablehook = hook
 
 
 def _os_error(error: BaseException) -> str | None:
@@ -144,7 +162,9 @@ class Checkpointer:
             # orbax's writer threads would wait 300 s for it and hold the process open at exit
             async_options=ocp.AsyncOptions(create_directories_asynchronously=False),
         )
-        logging.getLogger("absl").addFilter(_STORAGE_TRACEBACKS_OFF)  # orbax logs through absl; added once
+        for name in ("absl", "asyncio"):  # orbax logs through absl; a filter is added once
+            logging.getLogger(name).addFilter(_STORAGE_TRACEBACKS_OFF)
+        _drop_closed_loop_reports()
         handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
         self._manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
@@ -165,6 +185,9 @@ class Checkpointer:
         save started. Call it every step: it raises CheckpointSaveError as soon as an earlier
         asynchronous save is found to have failed, and when this one cannot start."""
         self._raise_if_failed()
+        if self._failed:  # writing on would only fail again, and leave more half-written steps
+            raise CheckpointSaveError(f"not saving step {step}: an earlier save to {self.directory} failed{self._kept()}",
+                                      hint=STORAGE_HINT)
         if step in self._manager.all_steps():
             return False
         if not force and step % self.every_steps:

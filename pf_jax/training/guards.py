@@ -55,28 +55,30 @@ def check_prompts_fit(rows: Sequence[Mapping[str, Any]], count_tokens: Callable[
 
 
 class SkipGuard:
-    """Stops a run whose updates keep being skipped. `observe(step, metrics)` once per finished step."""
+    """Stops a run whose updates keep being skipped. `observe(step, metrics)` once per finished step, whose
+    `skipped` metric counts the step's skipped updates (of `updates_per_step`)."""
 
-    def __init__(self, max_consecutive: int, total_steps: int, start_step: int, lr: float) -> None:
+    def __init__(self, max_consecutive: int, total_steps: int, updates_per_step: int, lr: float) -> None:
         self.max_consecutive, self.total_steps, self.lr = max_consecutive, total_steps, lr
-        self.start_step = start_step
+        self.updates_per_step = updates_per_step
         self.consecutive = 0
         self.any_applied = False
 
     @classmethod
-    def from_config(cls, cfg: TrainConfig, start_step: int) -> SkipGuard:
-        return cls(cfg.training.max_consecutive_skips, cfg.steps, start_step, cfg.optimizer.lr)
+    def from_config(cls, cfg: TrainConfig, updates_per_step: int) -> SkipGuard:
+        return cls(cfg.training.max_consecutive_skips, cfg.steps, updates_per_step, cfg.optimizer.lr)
 
     def observe(self, step: int, metrics: Mapping[str, float]) -> None:
         """Report step `step` (1-based) when any of its updates was skipped; raise TrainingStalledError after
         max_consecutive steps in a row with no update applied, or at the last step if none ever was."""
         skipped = int(metrics.get("skipped", 0.0))
-        if not skipped:
+        if skipped:
+            print(f"[pf_jax] step {step}: {skipped} of {self.updates_per_step} update(s) skipped: non-finite loss, "
+                  f"gradient or update (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')})")
+        if skipped < self.updates_per_step:
             self.consecutive, self.any_applied = 0, True
             return
         loss, grad_norm = metrics.get("loss", math.nan), metrics.get("grad_norm", math.nan)
-        print(f"[pf_jax] step {step}: {skipped} update(s) skipped: non-finite loss, gradient or update "
-              f"(loss={loss}, grad_norm={grad_norm})")
         self.consecutive += 1
         stalled = self.consecutive >= self.max_consecutive
         if not stalled and not (step == self.total_steps and not self.any_applied):

@@ -290,7 +290,7 @@ class Trainer:
             completed = start >= cfg.steps
             done = start
             finished: tuple[int, Any, dict] | None = None  # the last step finished here: (step, state, meta)
-            guard = SkipGuard.from_config(cfg, start)
+            guard = SkipGuard.from_config(cfg, self.updates_per_step)
             with StopSignal() as stop, _saved_on_error(lambda: self._save_finished(checkpointer, finished)):
                 for step in range(start, cfg.steps):
                     t0 = time.perf_counter()
