@@ -76,6 +76,7 @@ def load_config(schema: type[Schema], path: str | Path | None = None, overrides:
     for override in overrides:
         key, value = parse_override(override)
         _set_dotted(tree, key, value)
+        origin = {k: v for k, v in origin.items() if not k.startswith(key + ".")}  # replaced below `key`
         origin[key] = f"override '{override}'"
     _check_keys(schema, tree, origin)
     try:

@@ -170,5 +170,5 @@ def validate_rows(
     if report.skipped:
         logger.warning("skipped malformed rows: %s", report.summary())
     if not kept:
-        raise DataFileError(f"no valid rows in {source}: {report.summary()}")
+        raise DataFileError(f"no valid rows: {report.summary()}")
     return ValidatedRows(kept, report)
