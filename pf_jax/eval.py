@@ -20,6 +20,8 @@ Each responses file holds one JSON object per problem:
     {"problem_id": "...", "responses": ["...", ...], "method": "power", "settings": {"alpha": 4}}
 ("method" defaults to the file's stem; "settings" is optional). Rows are matched to problems by
 problem_id.
+
+A mistake in the arguments, files or models is one line on stderr and exit code 2 (`cli`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pf_jax.config.errors import ConfigError, exit_code_of
+from pf_jax.data.rows import DataFileError
 from pf_jax.evaluation.answer_checkers import CHECKERS, AnswerChecker, checker_by_name
 from pf_jax.evaluation.problems import jsonl_lines, load_problems
 from pf_jax.evaluation.report import write_report
@@ -43,14 +47,14 @@ def read_response_file(path: str | Path, problems: Sequence[Problem]) -> dict[st
     by_method: dict[str, tuple[dict[str, Any], dict[str, list[str]]]] = {}
     for line_number, row in jsonl_lines(path, "responses file"):
         if not isinstance(row, dict) or "problem_id" not in row or not isinstance(row.get("responses"), list):
-            raise ValueError(f"{path}:{line_number}: expected {{'problem_id': str, 'responses': [str, ...]}}")
+            raise DataFileError(f"{path}:{line_number}: expected {{'problem_id': str, 'responses': [str, ...]}}")
         settings, rows = by_method.setdefault(str(row.get("method", path.stem)), (row.get("settings", {}), {}))
         rows[str(row["problem_id"])] = [str(text) for text in row["responses"]]
     out = {}
     for method, (settings, rows) in by_method.items():
         missing = [p.problem_id for p in problems if p.problem_id not in rows]
         if missing:
-            raise ValueError(f"{path}: method {method!r} has no responses for problem ids {missing[:5]}"
+            raise DataFileError(f"{path}: method {method!r} has no responses for problem ids {missing[:5]}"
                              f"{' ...' if len(missing) > 5 else ''}")
         out[method] = (settings, [rows[p.problem_id] for p in problems])
     return out
@@ -97,10 +101,10 @@ def _template(text: str | None) -> str:
     if text.startswith("@"):
         path = Path(text[1:])
         if not path.is_file():
-            raise FileNotFoundError(f"prompt template file {path} does not exist")
+            raise ConfigError(f"prompt template file {path} does not exist")
         text = path.read_text().rstrip("\n")  # an editor's final newline is not part of the prompt
     if "{prompt}" not in text:
-        raise ValueError(f"prompt template must contain '{{prompt}}', got {text[:80]!r}")
+        raise ConfigError(f"prompt template must contain '{{prompt}}', got {text[:80]!r}")
     return text
 
 
@@ -141,7 +145,7 @@ def generate_results(args: argparse.Namespace, problems: Sequence[Problem], chec
     entries = [parse_model_entry(m) for m in args.model]
     labels = [label for label, _ in entries]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--model labels must be distinct, got {labels}; name them as label=spec")
+        raise ConfigError(f"--model labels must be distinct, got {labels}; name them as label=spec")
     template = _template(args.template)
     prompts = [Problem(template.replace("{prompt}", p.prompt), p.reference, p.problem_id) for p in problems]
     results = []
@@ -231,5 +235,14 @@ def main(argv: Sequence[str] | None = None) -> list[MethodResult]:
     return results
 
 
+def cli(argv: Sequence[str] | None = None) -> int:
+    """`main` as a command: exit code 0, or 2 with one line on stderr for a user's mistake."""
+    def run() -> int:
+        main(argv)
+        return 0
+
+    return exit_code_of("pf_jax.eval", run)
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(cli())

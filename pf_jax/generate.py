@@ -4,7 +4,9 @@
     python -m pf_jax.generate --model path/to/hf_dir --prompt "..." --prompt "..." --json
 
 --model takes what pf_jax.models.registry.load_model takes (embedded alias, HF directory, .gguf file,
-hub name). Progress goes to stderr; --json prints one JSON document on stdout and nothing else.
+hub name), and a pf_jax export with its own word or char tokenizer (a trained tiny model's `export/`).
+Progress goes to stderr; --json prints one JSON document on stdout and nothing else. A mistake in the
+arguments or the model files is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -14,10 +16,17 @@ import dataclasses
 import json
 import sys
 import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+from pf_jax.config.errors import ConfigError, exit_code_of
+
+Encode = Callable[[str], list[int]]
+Decode = Callable[[Sequence[int]], str]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,14 +50,40 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def load_for_generation(spec: str, chat: bool | None) -> tuple[Any, Encode, Decode]:
+    """(Decoder with unrolled layers, prompt -> ids, response ids -> text) for a --model spec."""
+    from pf_jax.data.saved_codec import load_codec, own_tokenizer_file
+
+    if Path(spec).is_dir() and own_tokenizer_file(spec) is not None:  # a pf_jax export of a tiny model
+        import jax
+
+        from pf_jax.models.hf_io import load_hf_directory
+        from pf_jax.models.ops import select_ops
+
+        if chat:
+            raise ConfigError(f"--chat: the tokenizer of {spec} ({own_tokenizer_file(spec).name}) has no chat template")
+        model = load_hf_directory(spec, scan_layers=False)
+        model.ops = select_ops(jax.default_backend())
+        codec = load_codec(spec, eos_ids=model.cfg.eos_token_ids)
+        return model, codec.encode_prompt, codec.decode_response
+    from pf_jax.models.registry import load_model
+    from pf_jax.sampling.chat import encode_prompt
+
+    model, tokenizer = load_model(spec, scan_layers=False)  # unrolled layers: the fast CPU decode
+    return (model, lambda text: encode_prompt(tokenizer, text, chat_template=chat),
+            lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    """The CLI: exit code 0, or 2 with one line on stderr for a user's mistake (pf_jax.config.errors)."""
+    return exit_code_of("pf_jax.generate", lambda: run(parse_args(argv)))
+
+
+def run(args: argparse.Namespace) -> int:
     import jax
     import numpy as np
 
-    from pf_jax.models.registry import load_model
     from pf_jax.sampling import GenerationConfig, SamplingParams, generate
-    from pf_jax.sampling.chat import encode_prompt
 
     try:  # bad sampling settings fail before the (slow) model load, naming the setting
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
@@ -57,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.num_samples < 1:
             raise ValueError(f"-n (samples per prompt) must be >= 1, got {args.num_samples}")
     except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise ConfigError(str(err)) from None
 
     console = Console(stderr=True)
     timings: dict[str, float] = {}
@@ -66,8 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                   transient=True) as progress:
         task = progress.add_task(f"loading {args.model}", total=None)
         start = time.perf_counter()
-        model, tokenizer = load_model(args.model, scan_layers=False)  # unrolled layers: the fast CPU decode
-        prompt_ids = [encode_prompt(tokenizer, p, chat_template=args.chat) for p in args.prompt]
+        model, encode, decode = load_for_generation(args.model, args.chat)
+        prompt_ids = [encode(p) for p in args.prompt]
         timings["load_s"] = time.perf_counter() - start
         total = len(prompt_ids) * args.num_samples
         progress.update(task, description=f"sampling {total} sequences of up to {args.max_new_tokens} tokens "
@@ -88,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
             "prompt": args.prompt[prompt],
             "prompt_tokens": prompt_ids[prompt],
             "sample": row % args.num_samples,
-            "text": tokenizer.decode(tokens, skip_special_tokens=True),
+            "text": decode(tokens),
             "tokens": tokens,
             "finish_reason": result.finish_reasons[row],
             "num_tokens": len(tokens),

@@ -7,6 +7,10 @@ there yet, then held-out accuracy of base vs PowerFlow as a table and plots unde
 --dry-run prints the recipe's per-device memory plan without weights or data; with --topology (a TPU slice,
 e.g. v5p:4x4x4) every program it runs is compiled for that slice by XLA's TPU compiler on this host, and
 --json PATH writes that compiled plan (peak_bytes, fits, per program) as JSON.
+
+A user's mistake (config, data, weights, an unwritable run directory, a run whose updates are all skipped:
+pf_jax.config.errors.UserError) is one line on stderr, `pf_jax.train: <message>`, and exit code 2; any
+other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pf_jax.config import ConfigError, load_config
+from pf_jax.config import ConfigError, exit_code_of, load_config
 from pf_jax.config.loading import parse_cli_args
 from pf_jax.config.recipe import CONFIGS_DIR
 
@@ -40,45 +44,39 @@ def take_option(argv: list[str], flag: str) -> tuple[str | None, list[str]]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """The CLI: its exit code (2 with one line on stderr for a UserError)."""
+    return exit_code_of("pf_jax.train", lambda: run(list(sys.argv[1:] if argv is None else argv)))
+
+
+def run(argv: list[str]) -> int:
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
     from pf_jax.config.recipe import TrainConfig
     from pf_jax.methods.compose import compose
 
-    try:
-        topology, argv = take_option(argv, "--topology")
-        json_path, argv = take_option(argv, "--json")
-        if (topology or json_path) and not dry_run:
-            raise ConfigError("--topology and --json go with --dry-run")
-        if json_path and not topology:
-            raise ConfigError("--json writes the compiled plan: name a TPU slice with --topology (e.g. v5e:2x2)")
-        if topology:  # before anything loads libtpu
-            from pf_jax.sharding.topology import prepare_libtpu_environment
+    topology, argv = take_option(argv, "--topology")
+    json_path, argv = take_option(argv, "--json")
+    if (topology or json_path) and not dry_run:
+        raise ConfigError("--topology and --json go with --dry-run")
+    if json_path and not topology:
+        raise ConfigError("--json writes the compiled plan: name a TPU slice with --topology (e.g. v5e:2x2)")
+    if topology:  # before anything loads libtpu
+        from pf_jax.sharding.topology import prepare_libtpu_environment
 
-            prepare_libtpu_environment(topology)
-        path, overrides = parse_cli_args(argv)
-        cfg = load_config(TrainConfig, path or DEFAULT_RECIPE, overrides)
-        compose(cfg)  # the recipe against its method (a key it cannot take, a missing reward) before weights load
-        if dry_run:
-            from pf_jax.planning.dry_run import dry_run as plan
+        prepare_libtpu_environment(topology)
+    path, overrides = parse_cli_args(argv)
+    cfg = load_config(TrainConfig, path or DEFAULT_RECIPE, overrides)
+    compose(cfg)  # the recipe against its method (a key it cannot take, a missing reward) before weights load
+    if dry_run:
+        from pf_jax.planning.dry_run import dry_run as plan
 
-            plan(cfg, topology=topology, json_path=json_path)
-            return 0
-    except ConfigError as error:
-        print(f"pf_jax.train: {error}", file=sys.stderr)
-        return 2
-    from pf_jax.envs.sampler_policy import PromptTooLongError
-    from pf_jax.training.checkpoint import CheckpointMismatchError
+        plan(cfg, topology=topology, json_path=json_path)
+        return 0
+    from pf_jax.training.guards import check_writable
     from pf_jax.training.run import train
 
-    try:
-        result = train(cfg)
-    # the run dir holds another recipe's checkpoints (nothing moved), or an agentic turn prompt outgrew
-    # data.max_prompt_tokens (the last finished step was saved): the recipe needs a change, not a traceback
-    except (CheckpointMismatchError, PromptTooLongError) as error:
-        print(f"pf_jax.train: {error}", file=sys.stderr)
-        return 2
+    check_writable(cfg)  # before any model is loaded or step is spent
+    result = train(cfg)
     if not result.completed:
         print(f"[pf_jax] stopped at step {result.final_step}; rerun the same command to resume")
         return 0

@@ -118,7 +118,11 @@ def _remove_data(step_dir):
 # When one read of a damaged checkpoint fails, orbax's restore returns while tensorstore still has reads in
 # flight; they complete later and post to the event loop orbax has closed, which Python reports as an ignored
 # "Event loop is closed". That is orbax's, not the behaviour under test.
-@pytest.mark.filterwarnings("ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
+orbax_late_reads = pytest.mark.filterwarnings(
+    "ignore:(?s)Exception ignored in.*Event loop is closed:pytest.PytestUnraisableExceptionWarning")
+
+
+@orbax_late_reads
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
@@ -259,3 +263,125 @@ def test_sigkill_during_async_save_leaves_a_usable_previous_checkpoint(tmp_path)
         ckpt.wait()
         assert ckpt.restore_latest(abstract).step == 2
     assert not [p for p in ckpt_dir.iterdir() if "tmp" in p.name]
+
+
+# --- integrity: digests, damaged sidecars, a step that cannot be moved, failed saves -----------------------
+
+def _flip_middle_of_largest_data_file(step_dir: Path) -> None:
+    path = _data_files(step_dir)[-1]
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle : middle + 64] = bytes(b ^ 0xFF for b in data[middle : middle + 64])  # size kept
+    path.write_bytes(bytes(data))
+
+
+def random_state(seed: int):
+    # Random values: a flipped block of constants could decompress to the same array.
+    return {"params": {"w": jax.random.normal(jax.random.key(seed), (256, 256))}, "step": jnp.asarray(seed)}
+
+
+def test_flipped_bytes_with_the_size_kept_fall_back_naming_step_and_array(tmp_path):
+    """The probe's silent corruption: before, step 4 was resumed with 12 of 12 tensors changed."""
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (2, 4):
+            ckpt.save(step, random_state(step), force=True)
+    _flip_middle_of_largest_data_file(tmp_path / "4")
+    changed = r"step 4: .*array \['params'\]\['w'\] differs from what was saved"
+    with Checkpointer(tmp_path) as ckpt, pytest.warns(CorruptCheckpointWarning, match=changed):
+        restored = ckpt.restore_latest(random_state(0))
+    assert restored.step == 2
+    assert_trees_equal(restored.state, random_state(2))
+    assert [p.name.split("-")[0] for p in (tmp_path / "corrupt").iterdir()] == ["4"]
+
+
+def test_restore_onto_another_dtype_reads_and_checks_the_saved_bytes(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, random_state(1), force=True)
+        ckpt.wait()
+        target = {"params": {"w": jax.ShapeDtypeStruct((256, 256), jnp.bfloat16)}, "step": jnp.asarray(0)}
+        restored = ckpt.restore(1, target)
+    assert restored.state["params"]["w"].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(restored.state["params"]["w"], random_state(1)["params"]["w"].astype(jnp.bfloat16))
+
+
+def _sidecar(step_dir: Path) -> dict:
+    import json
+
+    return json.loads((step_dir / "meta" / "metadata").read_text())
+
+
+def _rewrite_sidecar(step_dir: Path, edit) -> None:
+    import json
+
+    meta = _sidecar(step_dir)
+    edit(meta)
+    (step_dir / "meta" / "metadata").write_text(json.dumps(meta))
+
+
+def save_with_data_positions(directory: Path, iterator) -> None:
+    with Checkpointer(directory) as ckpt:
+        for step in (1, 2):
+            iterator.next_batch()
+            ckpt.save(step, train_state(step), {"data": iterator.state.to_json()}, force=True)
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda meta: meta.pop("data"), "no valid data position .*KeyError"),
+        (lambda meta: meta["data"].update(position=10**9), "data position cannot be restored: .*out of range"),
+        (lambda meta: meta["data"].update(epoch="x"), "no valid data position .*ValueError"),
+        (lambda meta: meta.update(digests="not a mapping"), "malformed 'digests'"),
+        (lambda meta: meta["digests"].pop(next(iter(meta["digests"]))), "has no recorded digest"),
+    ],
+    ids=["no-data-key", "impossible-position", "malformed-position", "malformed-digests", "missing-digest"],
+)
+def test_damaged_sidecar_falls_back_instead_of_raising(tmp_path, edit, reason):
+    """Before, a sidecar without 'data' was a KeyError and an impossible position a ValueError: rc 1."""
+    from pf_jax.data.iterator import BatchIterator
+    from pf_jax.training.checkpoint import restore_data_position
+
+    rows = list(range(10))
+    save_with_data_positions(tmp_path, BatchIterator(rows, 2, seed=0))
+    _rewrite_sidecar(tmp_path / "2", edit)
+    resumed = BatchIterator(rows, 2, seed=0)
+    with Checkpointer(tmp_path) as ckpt, pytest.warns(CorruptCheckpointWarning, match=f"step 2: .*{reason}"):
+        restored = ckpt.restore_latest(train_state(0), accept=lambda meta: restore_data_position(resumed, meta))
+    assert restored.step == 1 and resumed.state.position == 1
+    assert_trees_equal(restored.state, train_state(1))
+
+
+def test_data_position_of_another_data_set_is_a_mismatch_not_corruption(tmp_path):
+    from pf_jax.data.iterator import BatchIterator
+    from pf_jax.training.checkpoint import restore_data_position
+
+    save_with_data_positions(tmp_path, BatchIterator(list(range(10)), 2, seed=0))
+    other = BatchIterator(list(range(12)), 2, seed=0)
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(CheckpointMismatchError, match="10 rows; this run's has 12"):
+        ckpt.restore_latest(train_state(0), accept=lambda meta: restore_data_position(other, meta))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["1", "2"]
+
+
+@orbax_late_reads
+def test_damaged_step_that_cannot_be_moved_is_skipped_in_place(tmp_path):
+    """Before, a failed move aside stopped the fallback: the readable older step was not tried."""
+    save_steps(tmp_path, [2, 4])
+    _truncate_data(tmp_path / "4")
+    (tmp_path / "corrupt").write_text("a file where the corrupt/ directory would go")
+    in_place = "step 4: .*cannot be moved aside .*skipped in place"
+    with Checkpointer(tmp_path) as ckpt, pytest.warns(CorruptCheckpointWarning, match=in_place):
+        restored = ckpt.restore_latest(train_state(0))
+    assert restored.step == 2 and (tmp_path / "4").is_dir()
+
+
+def test_a_save_that_cannot_be_written_stops_at_once_naming_directory_and_os_error(tmp_path):
+    from pf_jax.training.checkpoint import CheckpointSaveError
+
+    directory = tmp_path / "ckpt"
+    with Checkpointer(directory, every_steps=1) as ckpt:
+        ckpt.save(1, train_state(1))
+        ckpt.wait()
+        directory.rename(tmp_path / "moved")
+        directory.write_text("not a directory any more")
+        with pytest.raises(CheckpointSaveError, match=f"step 2: cannot write to {directory}: File exists"):
+            ckpt.save(2, train_state(2))

@@ -11,12 +11,12 @@ import pytest
 
 from pf_jax.config import ConfigError, load_config
 from pf_jax.config.recipe import TrainConfig
+from pf_jax.planning import compiled_plan
 from pf_jax.planning.compiled_plan import abstract_recipe, compile_recipe, matmul_flops, train_step_program
 from pf_jax.planning.compiled_report import advice, format_compiled_plan, plan_json
 from pf_jax.planning.dry_run import dry_run
 from pf_jax.sharding.topology import GENERATIONS, GiB, parse_topology, tpu_topology
 from pf_jax.train import main
-from pf_jax.planning import compiled_plan
 from tests.test_trainer_methods import RECIPES as METHOD_RECIPES
 from tests.test_trainer_methods import TINY as METHOD_TINY
 

@@ -3,7 +3,8 @@ and under TYPE_CHECKING alike) forms a graph of files and a graph of folders; ne
 no file makes a forbidden arrow.
 
     losses                        import nothing of ours
-    models                        only sharding, and kernels (the CPU implementation behind models.ops)
+    models                        only sharding, kernels (the CPU implementation behind models.ops) and
+                                  config (the UserError family its weight errors belong to)
     config                        nothing of ours (every other layer reads the recipe schema)
     data, envs, rewards           never the trainer (training), the method layer (methods) or tasks
 """
@@ -16,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pf_jax"
 
-ALLOWED = {"losses": set(), "config": set(), "models": {"sharding", "kernels"}}
+ALLOWED = {"losses": set(), "config": set(), "models": {"sharding", "kernels", "config"}}
 FORBIDDEN = {folder: {"training", "methods", "tasks", "planning"} for folder in ("data", "envs", "rewards")}
 
 

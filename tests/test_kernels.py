@@ -14,6 +14,7 @@ from flax import nnx
 
 from pf_jax.kernels import skinny_matmul
 from pf_jax.kernels.attention import decode_attention
+from pf_jax.kernels.library_cache import KernelBuildError, build, cache_dir
 from pf_jax.kernels.skinny_matmul import (
     AMX_MIN_ROWS,
     MAX_ROWS,
@@ -22,10 +23,8 @@ from pf_jax.kernels.skinny_matmul import (
     TARGET,
     TARGET_ATTENTION,
     TARGET_NN,
-    KernelBuildError,
     amx_available,
     amx_calls,
-    build,
     matmul_nn,
     matmul_nt,
     matmul_packed,
@@ -174,7 +173,7 @@ def test_a_compiler_error_is_reported_with_the_compiler_output(tmp_path, monkeyp
     bad.write_text("this is not C++;\n")
     with pytest.raises(KernelBuildError, match=r"bad\.cc"):
         build(bad)
-    assert not list((tmp_path / "kernels").glob("*.so"))  # nothing half-built is cached
+    assert not list(cache_dir().glob("*.so"))  # nothing half-built is cached
 
 
 @needs_kernel

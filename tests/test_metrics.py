@@ -144,3 +144,32 @@ def test_progress_bar_shows_rate_and_eta(tmp_path):
     text = buffer.getvalue()
     assert "4/4" in text and "steps/s" in text and "ETA" in text
     assert not math.isnan(logger.summary()["loss"]["last"])
+
+
+def test_resume_drops_a_torn_last_line_and_appends_whole_lines(tmp_path):
+    """A SIGKILL (or a full disk) mid-write left half a JSON line; before, the resume died on JSONDecodeError."""
+    console, _ = quiet_console()
+    logger = MetricsLogger(tmp_path, 10, tensorboard=False, progress_bar=False, plots=False, console=console)
+    run_steps(logger, range(1, 4))
+    logger.close()
+    path = tmp_path / "metrics.jsonl"
+    with open(path, "ab") as handle:
+        handle.write(b'{"step": 4, "time": 1.0, "lo')  # torn: the process died inside the write
+    resumed = MetricsLogger(tmp_path, 10, tensorboard=False, progress_bar=False, plots=False, console=console,
+                            resume_step=2)
+    run_steps(resumed, range(3, 5))
+    resumed.close()
+    text = path.read_text()
+    assert text.endswith("\n") and '"time": 1.0,' not in text
+    assert [r["step"] for r in read_metrics(path)] == [1, 2, 3, 4]
+    assert [json.loads(line)["step"] for line in text.splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_metrics_write_that_fails_names_the_file(tmp_path):
+    from pf_jax.config.errors import RunStorageError
+
+    console, _ = quiet_console()
+    logger = MetricsLogger(tmp_path, 10, tensorboard=False, progress_bar=False, plots=False, console=console)
+    logger._jsonl.close()  # the descriptor is gone, as on a file system that went away
+    with pytest.raises(RunStorageError, match=r"cannot append to .*metrics\.jsonl"):
+        logger.log(1, {"loss": 1.0})

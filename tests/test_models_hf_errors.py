@@ -11,6 +11,7 @@ from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.errors import (
     MissingTensorError,
+    NonFiniteWeightsError,
     TensorShapeError,
     UnsupportedArchitectureError,
     WeightsFileError,
@@ -20,10 +21,12 @@ from pf_jax.models.hf_io import export_hf_directory, load_hf_directory, model_fr
 
 @pytest.fixture
 def exported(tmp_path):
-    """A valid tiny qwen2 HF directory written by us (its loading is checked against transformers elsewhere)."""
+    """A valid tiny qwen2 HF directory written by us (its loading is checked against transformers elsewhere),
+    without its SHA256SUMS: the damage below is then met by the checks a third-party directory gets."""
     model = Decoder(ModelConfig.tiny("qwen2"), rngs=nnx.Rngs(0))
     export_hf_directory(model, tmp_path)
     assert load_hf_directory(tmp_path).cfg == model.cfg
+    (tmp_path / "SHA256SUMS").unlink()
     return tmp_path
 
 
@@ -102,3 +105,25 @@ def test_in_memory_tensors_errors():
     cfg = ModelConfig.tiny("llama")
     with pytest.raises(MissingTensorError, match=r"model\.embed_tokens\.weight"):
         model_from_hf_tensors(cfg.to_hf(), {})
+
+
+def test_a_non_finite_model_is_never_exported(tmp_path):
+    model = Decoder(ModelConfig.tiny("qwen2"), rngs=nnx.Rngs(0))
+    model.final_norm[...] = model.final_norm[...].at[3].set(float("inf"))
+    with pytest.raises(NonFiniteWeightsError, match=r"'model\.norm\.weight' holds NaN or inf"):
+        export_hf_directory(model, tmp_path / "export")
+    assert not (tmp_path / "export" / "model.safetensors").exists()
+
+
+def test_exported_weights_carry_sha256sums_that_sha256sum_accepts(tmp_path):
+    import shutil
+    import subprocess
+
+    export_hf_directory(Decoder(ModelConfig.tiny("llama"), rngs=nnx.Rngs(0)), tmp_path)
+    if shutil.which("sha256sum"):
+        assert subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=tmp_path, capture_output=True).returncode == 0
+    data = bytearray((tmp_path / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (tmp_path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(WeightsFileError, match="does not match its digest in SHA256SUMS"):
+        load_hf_directory(tmp_path)

@@ -4,8 +4,8 @@
 `pf_jax.config.sections` are the building blocks a trainer schema composes.
 """
 
+from pf_jax.config.errors import ConfigError, RunStorageError, UserError, exit_code_of
 from pf_jax.config.loading import (
-    ConfigError,
     config_to_yaml,
     load_config,
     parse_cli_args,
@@ -26,8 +26,11 @@ __all__ = [
     "DataConfig",
     "LoggingConfig",
     "OptimizerConfig",
+    "RunStorageError",
     "Section",
+    "UserError",
     "config_to_yaml",
+    "exit_code_of",
     "load_config",
     "parse_cli_args",
     "parse_override",

@@ -17,17 +17,33 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from pf_jax.config.errors import ConfigError
+
 Schema = TypeVar("Schema", bound=BaseModel)
 
 EXTENDS_KEY = "extends"
 
 
-class ConfigError(ValueError):
-    """A config file, override or value that does not fit the schema; the message names the key."""
-
-
 class _ScalarLoader(yaml.SafeLoader):
-    """SafeLoader that also reads `1e-6` and `3E5` as floats (YAML 1.1 wants `1.0e-6`)."""
+    """SafeLoader that also reads `1e-6` and `3E5` as floats (YAML 1.1 wants `1.0e-6`), and refuses a key
+    given twice in one mapping (YAML's own loader lets the last one win silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` may be overridden by design
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if key in seen:
+                raise _DuplicateKeyError(key, seen[key], key_node.start_mark.line + 1)
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+class _DuplicateKeyError(yaml.YAMLError):
+    def __init__(self, key: Any, first_line: int, line: int) -> None:
+        super().__init__(f"key '{key}' is given twice (lines {first_line} and {line})")
+        self.key, self.first_line, self.line = key, first_line, line
 
 
 _ScalarLoader.add_implicit_resolver(
@@ -60,6 +76,7 @@ def load_config(schema: type[Schema], path: str | Path | None = None, overrides:
     for override in overrides:
         key, value = parse_override(override)
         _set_dotted(tree, key, value)
+        origin = {k: v for k, v in origin.items() if not k.startswith(key + ".")}  # replaced below `key`
         origin[key] = f"override '{override}'"
     _check_keys(schema, tree, origin)
     try:
@@ -129,6 +146,9 @@ def _read_recipe(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
         raise ConfigError(f"cannot read config file '{path}': {error.strerror or error}") from None
     try:
         tree = yaml.load(text, Loader=_ScalarLoader)
+    except _DuplicateKeyError as error:
+        raise ConfigError(f"config file '{path}': key '{error.key}' is given twice (lines {error.first_line} and "
+                          f"{error.line}); keep one") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"config file '{path}' is not valid YAML: {error}") from None
     if tree is None:
@@ -264,10 +284,11 @@ def _origin_of(key: str, origin: dict[str, str]) -> str | None:
 def _describe_validation_error(error: ValidationError, origin: dict[str, str]) -> str:
     lines = []
     for item in error.errors(include_url=False):
-        key = ".".join(str(part) for part in item["loc"]) or "<root>"
-        where = _origin_of(key, origin)
-        line = f"config key '{key}': {item['msg']}"
-        if "input" in item and item["type"] != "missing":
+        key = ".".join(str(part) for part in item["loc"])
+        where = _origin_of(key, origin) if key else None
+        message = item["msg"].removeprefix("Value error, ")
+        line = f"config key '{key}': {message}" if key else f"invalid config: {message}"
+        if "input" in item and item["type"] != "missing" and not isinstance(item["input"], dict):
             line += f" (got {item['input']!r})"
         if where:
             line += f" (from {where})"

@@ -72,6 +72,33 @@ class TinyModelConfig(Section):
     tokenizer: Literal["char", "words", "maze-words"] = "char"
 
 
+class LoraSection(Section):
+    """LoRA adapters on the policy (`model.lora`; absent: full fine-tuning). Only the adapters (and the
+    method's own heads) train; the base stays frozen in its storage dtype and is the reference / base model
+    of methods that keep one, so no second copy of the model is kept.
+
+    rank, alpha: y = x W + (alpha / rank) x A B. dropout: on the adapter's input while training.
+    targets: HF / PEFT projection names (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj),
+    `all-linear` for all seven, and `embed_tokens` for the input embedding. init: A's initialisation,
+    `gaussian` N(0, 1/rank) or `kaiming` (PEFT's default); B starts at 0, so step 0 is the base model.
+    init_from: a PEFT adapter directory to continue from (its rank, alpha and targets replace these).
+    quantize: QLoRA's frozen base, stored `int8` (per output channel), `int4` or `nf4` (per group of
+    `group_size` inputs) and dequantised layer by layer; None keeps it in param_dtype.
+    sampler: how rollouts decode with the adapters: `merge` (W + (alpha/rank) A B once per update, then the
+    base model's fast decode) or `apply` (the adapters in every decode step).
+    """
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(32.0, gt=0.0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(default_factory=lambda: ["all-linear"], min_length=1)
+    init: Literal["gaussian", "kaiming"] = "gaussian"
+    init_from: str | None = None
+    quantize: Literal["int8", "int4", "nf4"] | None = None
+    group_size: int = Field(64, ge=1)
+    sampler: Literal["merge", "apply"] = "merge"
+
+
 class ModelSection(Section):
     """The policy to train (and, frozen, its reference / base copy).
 
@@ -90,6 +117,7 @@ class ModelSection(Section):
     logprob_chunk: int = Field(128, ge=1)
     chat_template: bool = False
     log_z_width: int = Field(128, ge=1)
+    lora: LoraSection | None = None
 
 
 class RolloutSection(Section):
@@ -190,6 +218,13 @@ class EvalSection(Section):
     split: str = "test"
 
 
+class TrainingSection(Section):
+    """How the step loop guards a run: after `max_consecutive_skips` steps in a row whose every update was
+    skipped (non-finite loss, gradient or update) the run stops, saving what it had, without exporting."""
+
+    max_consecutive_skips: int = Field(20, ge=1)
+
+
 class TrainConfig(Section):
     """A whole recipe. `steps` counts rollout batches (one prompt batch each), not optimizer updates.
     The schema checks each section; whether the recipe fits its method (a reward where one is needed,
@@ -207,7 +242,8 @@ class TrainConfig(Section):
     curriculum: CurriculumSection = CurriculumSection()
     reward_model: RewardModelSection = RewardModelSection()
     env: EnvSection = EnvSection()
-    mesh: MeshConfig = MeshConfig()  # (data, fsdp, tensor) over all devices; ignored on one device
+    mesh: MeshConfig = MeshConfig()  # (data, fsdp, tensor) over all devices; one device: all axes 1 (or -1)
+    training: TrainingSection = TrainingSection()
     steps: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 0

@@ -4,15 +4,50 @@ Every section is a frozen pydantic model that forbids unknown keys; a trainer sc
 fields (`optimizer: OptimizerConfig = OptimizerConfig()`), and method-specific sections subclass `Section`.
 """
 
-from typing import Literal
+import math
+from collections.abc import Iterator
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 class Section(BaseModel):
-    """Base of every config section: immutable, unknown keys rejected, defaults validated too."""
+    """Base of every config section: immutable, unknown keys rejected, defaults validated too. Every float
+    (typed fields and the values inside free-form mappings such as `method.loss`) must be finite and
+    within float32's range: the arrays that carry them are float32, where 1e39 is already inf."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _floats_fit_float32(cls, value: Any) -> Any:
+        for where, x in _floats(value, ""):
+            at = f" (at {where.lstrip('.')})" if where else ""
+            if not math.isfinite(x):
+                raise ValueError(f"{x} is not a finite number{at}")
+            if abs(x) > FLOAT32_MAX:
+                raise ValueError(f"{x:g} does not fit in float32, largest {FLOAT32_MAX:.3g}{at}")
+        return value
+
+
+def _floats(value: Any, where: str) -> Iterator[tuple[str, float]]:
+    """(dotted place, value) of every float in a field value (inside mappings and lists too)."""
+    if isinstance(value, BaseModel):
+        return  # a nested section checks its own fields
+    if isinstance(value, float):
+        yield where, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from _floats(item, f"{where}.{key}")
+    elif isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            yield from _floats(item, f"{where}[{i}]")
+
+
+MAX_LR = 10.0  # far above any learning rate that trains (1e-6 .. 1e-2); above it an update only overflows
 
 
 class OptimizerConfig(Section):
@@ -26,7 +61,7 @@ class OptimizerConfig(Section):
     """
 
     name: Literal["adamw", "adam", "sgd", "lion"] = "adamw"
-    lr: float = Field(1e-5, gt=0.0)
+    lr: float = Field(1e-5, gt=0.0, le=MAX_LR)
     schedule: Literal["constant", "cosine", "linear"] = "constant"
     warmup_steps: int = Field(0, ge=0)
     decay_steps: int | None = Field(None, gt=0)
@@ -43,8 +78,8 @@ class OptimizerConfig(Section):
     @model_validator(mode="after")
     def _group_lrs_positive(self) -> "OptimizerConfig":
         for group, lr in self.group_lr.items():
-            if not lr > 0.0:
-                raise ValueError(f"group_lr.{group} must be a positive learning rate, got {lr}")
+            if not 0.0 < lr <= MAX_LR:
+                raise ValueError(f"group_lr.{group} must be a positive learning rate of at most {MAX_LR:g}, got {lr}")
         return self
 
 
@@ -72,6 +107,13 @@ class LoggingConfig(Section):
     wandb_project: str | None = None
     progress_bar: bool = True
     plots: bool = True
+
+    @field_validator("run_name")
+    @classmethod
+    def _inside_runs_dir(cls, name: str) -> str:
+        if name in (".", ".."):  # the pattern admits no '/', so these are the only escapes
+            raise ValueError(f"{name!r} names no directory inside runs_dir; use a plain name such as 'my-run'")
+        return name
 
 
 class DataConfig(Section):

@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from pf_jax.config import ConfigError, DataConfig
-from pf_jax.data.rows import RowProblem, ValidatedRows, preference_row_check, prompt_row_check, validate_rows
+from pf_jax.data.rows import (
+    DataFileError,
+    RowProblem,
+    ValidatedRows,
+    preference_row_check,
+    prompt_row_check,
+    validate_rows,
+)
 
 LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -22,45 +29,60 @@ def file_format(cfg: DataConfig) -> str:
     """'jsonl', 'parquet' or 'hub' for `cfg.source`: data.format when given, else by suffix, else hub."""
     if cfg.format != "auto":
         return cfg.format
-    return LOCAL_FORMATS.get(Path(cfg.source).suffix.lower(), "hub")
+    suffix = Path(cfg.source).suffix.lower()
+    if suffix in LOCAL_FORMATS:
+        return LOCAL_FORMATS[suffix]
+    if Path(cfg.source).is_file():
+        raise ConfigError(f"data file '{cfg.source}' has suffix '{suffix}'; local data files are "
+                          f"{', '.join(sorted(LOCAL_FORMATS))} (or set data.format)")
+    return "hub"
 
 
-def _json_array_rows(path: str | Path, text: str) -> Iterator[dict[str, Any] | RowProblem]:
+def _json_array_rows(path: str | Path, data: bytes) -> Iterator[dict[str, Any] | RowProblem]:
     try:
-        rows = json.loads(text)
+        rows = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise DataFileError(f"data file '{path}' is not UTF-8: byte 0x{data[error.start]:02x} at offset "
+                            f"{error.start} (line {line})") from None
     except json.JSONDecodeError as error:
-        raise ConfigError(f"data file '{path}' is not valid JSON: {error}") from None
+        raise DataFileError(f"data file '{path}' is not valid JSON: {error}") from None
     for row in rows:
         yield row if isinstance(row, dict) else RowProblem("not an object", f"expected a JSON object, got {type(row).__name__}")
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict[str, Any] | RowProblem]:
-    """Rows of a jsonl file; row i is the file's line i (0-based). A line that is blank, not JSON or
-    not an object yields a RowProblem so the validator reports it by index. A `.json` file holding one
-    array of objects is read too (row i = element i)."""
+    """Rows of a jsonl file; row i is the file's line i (0-based). A line that is blank, not UTF-8, not
+    JSON or not an object yields a RowProblem so the validator reports it by index. A `.json` file holding
+    one array of objects is read too (row i = element i)."""
     try:
-        handle = open(path, encoding="utf-8")  # noqa: SIM115 - closed by the with below, after the check
+        handle = open(path, "rb")  # noqa: SIM115 - closed by the with below, after the check
     except OSError as error:
         raise ConfigError(f"cannot read data file '{path}': {error.strerror or error}") from None
     with handle:
-        if Path(path).suffix.lower() == ".json" and handle.read(1024).lstrip().startswith("["):
+        if Path(path).suffix.lower() == ".json" and handle.read(1024).lstrip().startswith(b"["):
             handle.seek(0)
             yield from _json_array_rows(path, handle.read())
             return
         handle.seek(0)
-        for line in handle:
-            if not line.strip():
-                yield RowProblem("not JSON", "blank line")
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield RowProblem("not JSON", f"not valid JSON ({error.msg} at column {error.colno})")
-                continue
-            if not isinstance(row, dict):
-                yield RowProblem("not an object", f"expected a JSON object, got {type(row).__name__}")
-                continue
-            yield row
+        for raw in handle:  # bytes, decoded per line: one bad byte is one bad row, not a bad file
+            yield _jsonl_row(raw)
+
+
+def _jsonl_row(raw: bytes) -> dict[str, Any] | RowProblem:
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        return RowProblem("not UTF-8", f"byte 0x{raw[error.start]:02x} at column {error.start + 1} is not UTF-8")
+    if not line.strip():
+        return RowProblem("not JSON", "blank line")
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as error:
+        return RowProblem("not JSON", f"not valid JSON ({error.msg} at column {error.colno})")
+    if not isinstance(row, dict):
+        return RowProblem("not an object", f"expected a JSON object, got {type(row).__name__}")
+    return row
 
 
 def read_file_rows(cfg: DataConfig, cache_dir: str | None = None, *, hub_hint: str = "") -> Any:
@@ -74,6 +96,13 @@ def read_file_rows(cfg: DataConfig, cache_dir: str | None = None, *, hub_hint: s
     if kind == "parquet":
         if not Path(cfg.source).is_file():
             raise ConfigError(f"cannot read data file '{cfg.source}': no such file")
+        import pyarrow.parquet as pq
+
+        try:  # before datasets, which logs its own traceback-like errors for a damaged file
+            pq.read_schema(cfg.source)
+        except Exception as error:  # pyarrow raises ArrowInvalid, OSError, ... for what is not parquet
+            raise DataFileError(f"data file '{cfg.source}' is not a readable parquet file: "
+                                f"{type(error).__name__}: {error}"[:600]) from None
         return datasets.load_dataset(
             "parquet", data_files=cfg.source, split="train", cache_dir=cache_dir, keep_in_memory=True
         )

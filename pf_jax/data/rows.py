@@ -7,16 +7,23 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from pf_jax.config.errors import UserError
+
 logger = logging.getLogger(__name__)
 
 MAX_EXAMPLES_KEPT = 20
 
 
-class BadRowError(ValueError):
+class DataFileError(UserError):
+    """A data source that yields no usable rows, or a file that cannot be read as its format."""
+
+
+class BadRowError(DataFileError):
     """A malformed data row under policy 'stop'; names the source, the row index and the reason."""
 
     def __init__(self, source: str, index: int, reason: str) -> None:
-        super().__init__(f"bad row {index} in {source}: {reason}")
+        super().__init__(f"bad row {index} in {source}: {reason}",
+                         hint="fix the row, or set data.on_bad_row=skip to skip and count bad rows")
         self.source, self.index, self.reason = source, index, reason
 
 
@@ -137,7 +144,7 @@ def validate_rows(
     """Apply `check` to every row (a RowProblem in `rows` is a row that failed to parse).
 
     on_bad_row='stop' raises BadRowError at the first bad row; 'skip' keeps going, counts, and logs a
-    warning with the summary. Raises ValueError if no row is valid.
+    warning with the summary. Raises DataFileError if no row is valid.
     """
     if on_bad_row not in ("skip", "stop"):
         raise ValueError(f"on_bad_row must be 'skip' or 'stop', got {on_bad_row!r}")
@@ -163,5 +170,5 @@ def validate_rows(
     if report.skipped:
         logger.warning("skipped malformed rows: %s", report.summary())
     if not kept:
-        raise ValueError(f"no valid rows in {source}: {report.summary()}")
+        raise DataFileError(f"no valid rows: {report.summary()}")
     return ValidatedRows(kept, report)

@@ -10,16 +10,22 @@ from pf_jax.data.codec import CHAR_TOKENIZER_FILE, CharCodec, CharTokenizer, HFC
 from pf_jax.data.word_codec import STYLES, load_word_codec
 
 
+def own_tokenizer_file(directory: str | Path) -> Path | None:
+    """The pf_jax word or char tokenizer file saved beside exported weights, or None (a transformers one)."""
+    for name in (*(style.file for style in STYLES.values()), CHAR_TOKENIZER_FILE):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None
+
+
 def load_codec(directory: str | Path, *, chat_template: bool = False, eos_ids: Sequence[int] = ()) -> TextCodec:
     """The codec saved beside exported weights: pf_jax's word or char tokenizer, else a transformers one."""
     directory = Path(directory)
-    for style in STYLES.values():
-        if (directory / style.file).is_file():
-            return load_word_codec(directory / style.file)
-    char_file = directory / CHAR_TOKENIZER_FILE
-    if char_file.is_file():
-        spec = json.loads(char_file.read_text())
-        return CharCodec(CharTokenizer(spec["alphabet"]))
+    own = own_tokenizer_file(directory)
+    if own is not None and own.name != CHAR_TOKENIZER_FILE:
+        return load_word_codec(own)
+    if own is not None:
+        return CharCodec(CharTokenizer(json.loads(own.read_text())["alphabet"]))
     from transformers import AutoTokenizer
 
     try:

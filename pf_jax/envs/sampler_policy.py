@@ -14,6 +14,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 
+from pf_jax.config.errors import UserError
 from pf_jax.data.codec import HFCodec, TextCodec
 from pf_jax.envs.rollout import PolicyResponse, TurnRequest
 from pf_jax.models.decoder import Decoder
@@ -34,7 +35,7 @@ def encode_messages(codec: TextCodec, messages: Sequence[Mapping[str, str]]) -> 
     return list(codec.encode_prompt(render_plain(messages)))
 
 
-class PromptTooLongError(ValueError):
+class PromptTooLongError(UserError):
     """A turn's prompt has more tokens than the run allows (`data.max_prompt_tokens`)."""
 
 

@@ -20,6 +20,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from pf_jax.config.errors import ConfigError
 from pf_jax.data.codec import TextCodec
 from pf_jax.models.decoder import Decoder
 from pf_jax.sampling.filters import SamplingParams
@@ -69,7 +70,7 @@ class SamplingMethod:
     def power_config(self, max_new_tokens: int) -> PowerSamplingConfig:
         block = self.block_size or (max_new_tokens // 2 if max_new_tokens % 2 == 0 else max_new_tokens)
         if max_new_tokens % block:
-            raise ValueError(f"method power: block={block} does not divide max_new_tokens={max_new_tokens}")
+            raise ConfigError(f"method power: block={block} does not divide max_new_tokens={max_new_tokens}")
         assert self.alpha is not None
         return PowerSamplingConfig(alpha=self.alpha, block_size=block, mcmc_steps=self.mcmc_steps)
 
@@ -78,12 +79,12 @@ def parse_sampling_method(text: str) -> SamplingMethod:
     """``kind:key=value,...`` -> SamplingMethod; unknown kinds / keys and bad values are named errors."""
     kind, _, rest = text.strip().partition(":")
     if kind not in METHOD_KINDS:
-        raise ValueError(f"unknown sampling method {kind!r} in {text!r}; expected one of {sorted(METHOD_KINDS)}")
+        raise ConfigError(f"unknown sampling method {kind!r} in {text!r}; expected one of {sorted(METHOD_KINDS)}")
     values: dict[str, str] = {}
     for item in filter(None, (part.strip() for part in rest.split(","))):
         key, eq, value = item.partition("=")
         if not eq or key not in METHOD_KINDS[kind]:
-            raise ValueError(f"method {text!r}: {item!r} is not key=value with key in {list(METHOD_KINDS[kind])}")
+            raise ConfigError(f"method {text!r}: {item!r} is not key=value with key in {list(METHOD_KINDS[kind])}")
         values[key] = value
 
     def number(key: str, cast: Callable[[str], Any], default: Any) -> Any:
@@ -92,7 +93,7 @@ def parse_sampling_method(text: str) -> SamplingMethod:
         try:
             return cast(values[key])
         except ValueError:
-            raise ValueError(f"method {text!r}: {key}={values[key]!r} is not a valid {cast.__name__}") from None
+            raise ConfigError(f"method {text!r}: {key}={values[key]!r} is not a valid {cast.__name__}") from None
 
     filters = dict(top_k=number("top_k", int, 0), top_p=number("top_p", float, 1.0), min_p=number("min_p", float, 0.0))
     if kind == "base":
@@ -100,7 +101,7 @@ def parse_sampling_method(text: str) -> SamplingMethod:
     else:
         alpha = number("alpha", float, 4.0)
         if not (alpha > 0 and math.isfinite(alpha)):
-            raise ValueError(f"method {text!r}: alpha must be a finite number > 0, got {alpha}")
+            raise ConfigError(f"method {text!r}: alpha must be a finite number > 0, got {alpha}")
         method = SamplingMethod(kind, temperature=1.0 / alpha, alpha=alpha, block_size=number("block", int, None),
                                 mcmc_steps=number("steps", int, 4), **filters)
     method.sampling_params()  # validates the filters with SamplingParams' own messages
@@ -163,7 +164,7 @@ def stop_token_ids_for(codec: TextCodec, stops: Sequence[str]) -> tuple[int, ...
         text = text.encode().decode("unicode_escape")  # "\\n" on a command line means a newline
         encoded = [t for t in codec.encode_response(text) if t not in codec.eos_ids]
         if len(encoded) != 1:
-            raise ValueError(f"stop string {text!r} encodes to {len(encoded)} tokens {encoded}; a stop string "
+            raise ConfigError(f"stop string {text!r} encodes to {len(encoded)} tokens {encoded}; a stop string "
                              "must be exactly one token of this tokenizer")
         ids.append(encoded[0])
     return tuple(ids)

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pf_jax.config.errors import UserError
+from pf_jax.data.rows import DataFileError
 from pf_jax.evaluation.scoring import Problem
+
+
+class BenchmarkUnavailableError(UserError, RuntimeError):
+    """A named benchmark could not be loaded from the hub (offline, no cache, renamed)."""
 
 
 @dataclass(frozen=True)
@@ -44,14 +50,17 @@ def jsonl_lines(path: str | Path, what: str) -> Iterator[tuple[int, Any]]:
     not JSON raises an error naming the file and line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    for line_number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
+        raise DataFileError(f"{what} {path} does not exist")
+    for line_number, raw in enumerate(path.read_bytes().splitlines(), start=1):
+        if not raw.strip():
             continue
         try:
-            yield line_number, json.loads(line)
+            yield line_number, json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise DataFileError(f"{path}:{line_number}: byte 0x{raw[exc.start]:02x} at column {exc.start + 1} "
+                                "is not UTF-8") from None
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{line_number}: not a JSON object ({exc.msg})") from exc
+            raise DataFileError(f"{path}:{line_number}: not a JSON object ({exc.msg})") from None
 
 
 def load_jsonl_problems(path: str | Path, prompt_field: str = "prompt", reference_field: str = "answer",
@@ -62,14 +71,14 @@ def load_jsonl_problems(path: str | Path, prompt_field: str = "prompt", referenc
     for line_number, row in jsonl_lines(path, "problem file"):
         if not isinstance(row, dict) or prompt_field not in row or reference_field not in row:
             keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-            raise ValueError(f"{path}:{line_number}: expected fields {prompt_field!r} and {reference_field!r}, "
+            raise DataFileError(f"{path}:{line_number}: expected fields {prompt_field!r} and {reference_field!r}, "
                              f"got {keys}")
         problems.append(Problem(prompt=str(row[prompt_field]), reference=row[reference_field],
                                 problem_id=str(row.get(id_field, line_number))))
         if limit is not None and len(problems) >= limit:
             break
     if not problems:
-        raise ValueError(f"problem file {path} holds no problems")
+        raise DataFileError(f"problem file {path} holds no problems")
     return problems
 
 
@@ -80,7 +89,7 @@ def load_problems(source: str, limit: int | None = None, **jsonl_fields: str) ->
         return load_jsonl_problems(source, limit=limit, **jsonl_fields)
     key = source.lower()
     if key not in HUB_BENCHMARKS:
-        raise ValueError(f"unknown problem source {source!r}: not a .jsonl file; known benchmarks are "
+        raise DataFileError(f"unknown problem source {source!r}: not a .jsonl file; known benchmarks are "
                          f"{sorted(HUB_BENCHMARKS)}")
     spec = HUB_BENCHMARKS[key]
     from datasets import load_dataset
@@ -88,7 +97,7 @@ def load_problems(source: str, limit: int | None = None, **jsonl_fields: str) ->
     try:
         rows = load_dataset(spec.path, spec.config, split=spec.split)
     except Exception as exc:  # offline, missing cache, renamed dataset: one message that says which
-        raise RuntimeError(f"could not load benchmark {source!r} from the hub ({spec.path}, split "
+        raise BenchmarkUnavailableError(f"could not load benchmark {source!r} from the hub ({spec.path}, split "
                            f"{spec.split!r}): {type(exc).__name__}: {exc}. Offline, pass a local .jsonl "
                            f"instead.") from exc
     problems = []

@@ -18,10 +18,11 @@ holds AVX-512 XLA FFI kernels that stream each weight once with the rows' partia
 The same library holds the decode-attention kernel (pf_jax.kernels.attention).
 
 They are compiled on first use with the system C++ compiler against the FFI headers that ship with
-jaxlib, cached under $PF_JAX_CACHE (default ~/.cache/pf_jax)/kernels, and registered for the CPU
+jaxlib, cached in a per-user directory under $PF_JAX_CACHE (default ~/.cache/pf_jax; see
+kernels/library_cache.py: a cache others can write is never loaded from), and registered for the CPU
 platform only. matmul_nt and matmul_nn fall back to XLA's dot (same result up to float32 rounding) where
-a kernel does not apply: not on CPU, not float32, too few or too many rows, no AVX-512, no compiler (logged
-once), or PF_JAX_CPU_KERNELS=0; the AMX paths are skipped where the CPU or the OS does not offer them, or
+a kernel does not apply: not on CPU, not float32, too few or too many rows, no AVX-512, no compiler or an
+untrusted cache (logged once), or PF_JAX_CPU_KERNELS=0; the AMX paths are skipped where the CPU or the OS does not offer them, or
 with PF_JAX_AMX=0 (packing_pays is then False, and the sampler keeps matmul_nn). The kernels have no
 sharding rule, so callers use them only for arrays on one device (the sampler: RowLayout.one_device)."""
 
@@ -29,20 +30,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import logging
 import math
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
+
+from pf_jax.kernels.library_cache import KernelBuildError, UntrustedCacheError, load_library
 
 log = logging.getLogger(__name__)
 
@@ -58,43 +57,13 @@ MIN_ROWS_NN = 2  # one row: XLA's [in, out] dot streams the weight as fast (meas
 SOURCE = Path(__file__).with_name("skinny_matmul.cc")
 
 
-class KernelBuildError(RuntimeError):
-    """The C++ compiler failed on the kernel source (the message holds its output)."""
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PF_JAX_CACHE", Path.home() / ".cache" / "pf_jax")) / "kernels"
-
-
-def build(source: Path = SOURCE) -> Path:
-    """Compile `source` into a shared library (once per source, jaxlib and compiler; cached) and return
-    its path. Raises KernelBuildError with the compiler's output when compilation fails."""
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
-    if compiler is None:
-        raise KernelBuildError("no C++ compiler found (set CXX or install g++)")
-    include = jax.ffi.include_dir()
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), jax.__version__.encode(), compiler.encode()]))
-    target = cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:  # compile aside, then rename: atomic
-        out = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-std=c++17", "-shared", "-fPIC", f"-I{include}", str(source), "-o", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise KernelBuildError(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")
-        os.replace(out, target)
-    return target
-
-
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return None
     try:
-        lib = ctypes.CDLL(str(build()))
-    except (KernelBuildError, OSError) as e:
+        lib = load_library(SOURCE)
+    except (KernelBuildError, UntrustedCacheError, OSError) as e:
         log.warning("CPU skinny-matmul kernel unavailable, using XLA's dot: %s", e)
         return None
     lib.pf_skinny_matmul_amx_calls.restype = ctypes.c_int64

@@ -13,7 +13,7 @@ from pf_jax.data.codec import TextCodec
 from pf_jax.methods.env_rollouts import EnvRollouts
 from pf_jax.methods.prompts import SAMPLED
 from pf_jax.methods.protocols import Needs, Objective, ResponseSource
-from pf_jax.methods.registry import METHODS, Method, get_method, keeps_reference
+from pf_jax.methods.registry import METHODS, Method, get_method, keeps_reference, single_sample_problem
 from pf_jax.methods.responses import (
     DatasetCompletions,
     DatasetPairs,
@@ -61,7 +61,17 @@ def check_recipe(cfg: TrainConfig) -> Method:
         raise ConfigError(f"method.responses={cfg.method.responses!r}: method {m.name!r} trains on "
                           f"{m.responses!r} responses, which cannot be switched (method.responses applies to "
                           f"{', '.join(n for n, x in METHODS.items() if x.responses in COMPLETION_KINDS)})")
+    _check_groups(cfg, m)
     return m
+
+
+def _check_groups(cfg: TrainConfig, m: Method) -> None:
+    """One sample per prompt leaves a group-relative method nothing to compare (every advantage 0)."""
+    why = single_sample_problem(cfg, m)
+    if why is not None:
+        raise ConfigError(f"method {m.name!r} with rollout.samples_per_prompt=1: {why}, and one sample has nothing "
+                          "to be compared with (every advantage is 0), so nothing would be learned; set "
+                          "rollout.samples_per_prompt >= 2")
 
 
 def load_recipe(path: str | Path | None = None, overrides: tuple[str, ...] | list[str] = ()) -> TrainConfig:

@@ -78,6 +78,22 @@ def keeps_reference(cfg: TrainConfig, m: Method) -> bool:
     return bool(m.loss.value("kl_coef", cfg.method.loss, 0.0)) or bool(cfg.method.reward_kl_coef)
 
 
+def single_sample_problem(cfg: TrainConfig, m: Method) -> str | None:
+    """Why the method cannot learn from one sample per prompt, or None: group-relative advantages (GRPO,
+    RLOO, ...) compare a sample with the others of its prompt, online DPO pairs its best and worst, a
+    GFlowNet's group log Z is their mean residual."""
+    kind = cfg.method.responses or m.responses
+    if kind not in ("policy", "sample_pairs") or cfg.rollout.samples_per_prompt > 1:
+        return None
+    if isinstance(m.estimator, Estimator) and m.estimator.fn.accepts("group_ids"):
+        return f"its advantages ({m.estimator.fn.fn.__name__}) compare each sample with the others of its prompt"
+    if kind == "sample_pairs":
+        return "its preference pairs are the best and the worst sample of a prompt"
+    if isinstance(m.build, partial) and m.build.func is _gflownet and cfg.method.log_z == "group":
+        return "method.log_z=group estimates log Z from the samples of a prompt"
+    return None
+
+
 def _supervised(cfg: TrainConfig, m: Method) -> Supervised:
     return Supervised(_loss(cfg, m), keep_correct_only=m.reward, chunk_size=cfg.model.logprob_chunk)
 

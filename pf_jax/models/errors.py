@@ -1,7 +1,9 @@
 """Named exceptions for bad model input: each message names the file, tensor or key and what was expected."""
 
+from pf_jax.config.errors import UserError
 
-class ModelInputError(ValueError):
+
+class ModelInputError(UserError):
     """Base class: a model config or weights file cannot be used as given."""
 
 
@@ -19,3 +21,7 @@ class MissingTensorError(ModelInputError):
 
 class TensorShapeError(ModelInputError):
     """A tensor's shape differs from what the config implies (names file, tensor, expected and got)."""
+
+
+class NonFiniteWeightsError(ModelInputError):
+    """A weights file holds NaN or inf: names the file and the first such tensor."""

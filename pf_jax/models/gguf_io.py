@@ -275,11 +275,12 @@ def load_gguf(path: str | os.PathLike, *, dtype: Any = None, param_dtype: Any = 
 
     cfg, tensors = read_gguf(path)
     return model_from_hf_tensors(cfg, tensors, dtype=dtype or jnp.float32, param_dtype=param_dtype or jnp.float32,
-                                 scan_layers=scan_layers)
+                                 scan_layers=scan_layers, config_source=f"read from GGUF file {str(path)!r}")
 
 
-# Bump when read_gguf's output changes for the same file, so stale dequantised caches are not served.
-CONVERSION_VERSION = 1
+# Bump when read_gguf's output or the cache's layout changes, so stale dequantised caches are not served.
+# 2: the cache holds SHA256SUMS, checked on every load (a v1 cache has none, so it is rebuilt once).
+CONVERSION_VERSION = 2
 
 
 def load_gguf_cached(path: str | os.PathLike, *, sha256: str, cache_dir: Path, dtype: Any = None,
@@ -300,6 +301,7 @@ def load_gguf_cached(path: str | os.PathLike, *, sha256: str, cache_dir: Path, d
     from safetensors.numpy import save_file
 
     from pf_jax.models.hf_io import load_hf_directory, model_from_hf_tensors
+    from pf_jax.models.weight_digests import write_weight_digests
 
     dtype, param_dtype = dtype or jnp.float32, param_dtype or jnp.float32
     cached = Path(cache_dir) / f"{sha256}-v{CONVERSION_VERSION}"
@@ -310,6 +312,7 @@ def load_gguf_cached(path: str | os.PathLike, *, sha256: str, cache_dir: Path, d
     staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=cached.name + ".", suffix=".part"))
     try:
         save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(staging / "model.safetensors"))
+        write_weight_digests(staging, [staging / "model.safetensors"])
         (staging / "config.json").write_text(json.dumps(cfg, indent=2) + "\n")  # written last: marks complete
         try:
             os.rename(staging, cached)
@@ -318,4 +321,5 @@ def load_gguf_cached(path: str | os.PathLike, *, sha256: str, cache_dir: Path, d
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return model_from_hf_tensors(cfg, tensors, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    return model_from_hf_tensors(cfg, tensors, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers,
+                                 config_source=f"read from GGUF file {str(path)!r}")

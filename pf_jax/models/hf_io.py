@@ -1,4 +1,8 @@
-"""Hugging Face weights in and out: config.json + (sharded) safetensors <-> Decoder. Never unpickles."""
+"""Hugging Face weights in and out: config.json + (sharded) safetensors <-> Decoder. Never unpickles.
+
+An export also writes SHA256SUMS (the `sha256sum -c` format) with the digest of its weights file; a
+directory that has one is loaded only if its weights match it. Every tensor loaded must be finite.
+"""
 
 from __future__ import annotations
 
@@ -15,9 +19,17 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from pf_jax.config.errors import RunStorageError
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
-from pf_jax.models.errors import MissingTensorError, TensorShapeError, WeightsFileError
+from pf_jax.models.errors import (
+    MissingTensorError,
+    ModelInputError,
+    NonFiniteWeightsError,
+    TensorShapeError,
+    WeightsFileError,
+)
+from pf_jax.models.weight_digests import verify_weight_digests, write_weight_digests
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -44,12 +56,28 @@ def check_safetensors_file(path: Path) -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsFileError(f"safetensors file {path} has a malformed header: {e}") from None
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if not isinstance(header, dict):
+        raise WeightsFileError(f"safetensors file {path} has a malformed header: expected a JSON object, "
+                               f"got {type(header).__name__}")
+    end = max((_data_end(path, k, v) for k, v in header.items() if k != "__metadata__"), default=0)
     if 8 + n + end > size:
         raise WeightsFileError(
             f"safetensors file {path} is truncated: tensors need {8 + n + end} bytes, file has {size}"
         )
     return header
+
+
+def _data_end(path: Path, name: str, entry: object) -> int:
+    """Where tensor `name`'s bytes end, after checking its header entry has a dtype, a shape and offsets."""
+    ok = (isinstance(entry, dict) and isinstance(entry.get("dtype"), str)
+          and isinstance(entry.get("shape"), list) and all(isinstance(d, int) and d >= 0 for d in entry["shape"])
+          and isinstance(entry.get("data_offsets"), list) and len(entry["data_offsets"]) == 2
+          and all(isinstance(o, int) for o in entry["data_offsets"])
+          and 0 <= entry["data_offsets"][0] <= entry["data_offsets"][1])
+    if not ok:
+        raise WeightsFileError(f"safetensors file {path} has a malformed header entry for tensor {name!r}: "
+                               f"expected {{dtype, shape: [ints], data_offsets: [begin, end]}}, got {entry!r:.200}")
+    return entry["data_offsets"][1]
 
 
 class SafetensorsTensors(Mapping):
@@ -76,9 +104,12 @@ class SafetensorsTensors(Mapping):
 
     def __getitem__(self, name: str) -> np.ndarray:
         path = self._file_of[name]
-        if path not in self._handles:
-            self._handles[path] = safe_open(str(path), framework="np")
-        return self._handles[path].get_tensor(name)
+        try:
+            if path not in self._handles:
+                self._handles[path] = safe_open(str(path), framework="np")
+            return self._handles[path].get_tensor(name)
+        except Exception as e:  # safetensors' own checks (dtype, overlapping offsets) raise its error type
+            raise WeightsFileError(f"safetensors file {path}: tensor {name!r} cannot be read: {e}") from e
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._file_of)
@@ -127,14 +158,36 @@ def _fetch(tensors: Mapping[str, np.ndarray], name: str, expected: tuple[int, ..
     shape = tensors.shape(name) if hasattr(tensors, "shape") else tuple(np.shape(tensors[name]))
     if tuple(shape) != tuple(expected):
         raise TensorShapeError(f"tensor {name!r} in {where}: expected shape {expected}, got {tuple(shape)}")
-    return np.asarray(tensors[name])
+    array = np.asarray(tensors[name])
+    if not np.isfinite(array).all():
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise NonFiniteWeightsError(f"tensor {name!r} in {where} holds {bad} NaN or inf value(s) of "
+                                    f"{np.size(array)}: these weights cannot be trained or sampled from")
+    return array
+
+
+def model_config_from_hf(hf_config: object, source: str = "<config dict>") -> ModelConfig:
+    """ModelConfig.from_hf, with any missing or ill-typed key reported as a WeightsFileError naming `source`."""
+    if not isinstance(hf_config, dict):
+        raise WeightsFileError(f"config {source} must hold a JSON object, got {type(hf_config).__name__}")
+    try:
+        return ModelConfig.from_hf(hf_config)
+    except ModelInputError:
+        raise
+    except KeyError as e:
+        raise WeightsFileError(f"config {source} lacks the key {e}, which a {hf_config.get('model_type')} "
+                               "model needs") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise WeightsFileError(f"config {source} has a value of the wrong type or range: {e}") from None
 
 
 def model_from_hf_tensors(hf_config: dict, tensors: Mapping[str, np.ndarray], *, dtype=jnp.float32,
-                          param_dtype=jnp.float32, scan_layers: bool = True) -> Decoder:
+                          param_dtype=jnp.float32, scan_layers: bool = True,
+                          config_source: str = "<config dict>") -> Decoder:
     """A Decoder whose parameters are the HF-named tensors (model.layers.0.self_attn.q_proj.weight, ...)
-    converted to our layout; nothing is randomly initialised first."""
-    cfg = ModelConfig.from_hf(hf_config)
+    converted to our layout; nothing is randomly initialised first. A NaN or inf tensor is refused
+    (NonFiniteWeightsError naming it)."""
+    cfg = model_config_from_hf(hf_config, config_source)
     abstract = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), dtype=dtype, param_dtype=param_dtype,
                                               scan_layers=scan_layers))
     np_dtype = np.dtype(jnp.dtype(param_dtype))
@@ -203,28 +256,56 @@ def load_hf_directory(path_or_hub_name: str | os.PathLike, *, dtype=jnp.float32,
         raise WeightsFileError(f"config file {config_path} is not valid JSON: {e}") from None
     index_path = directory / INDEX_FILE
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise WeightsFileError(f"index file {index_path} has no valid 'weight_map': {e}") from None
-        files = [directory / f for f in sorted(set(weight_map.values()))]
+        files = _indexed_files(index_path)
     elif (directory / SINGLE_FILE).is_file():
         files = [directory / SINGLE_FILE]
     else:
         pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
         hint = f" (found {pickles}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
         raise WeightsFileError(f"weights file not found: {directory / SINGLE_FILE} or {index_path}{hint}")
+    verify_weight_digests(directory, files)
     return model_from_hf_tensors(hf_config, SafetensorsTensors(files), dtype=dtype, param_dtype=param_dtype,
-                                 scan_layers=scan_layers)
+                                 scan_layers=scan_layers, config_source=str(config_path))
+
+
+def _indexed_files(index_path: Path) -> list[Path]:
+    """The shard files a sharded checkpoint's index names; each must lie inside the index's directory."""
+    try:
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise WeightsFileError(f"index file {index_path} has no valid 'weight_map': {e}") from None
+    directory = index_path.parent.resolve()
+    files = []
+    for name in names:
+        if not isinstance(name, str) or not (directory / name).resolve().is_relative_to(directory):
+            raise WeightsFileError(f"index file {index_path} names the shard {name!r}, which is not a file "
+                                   f"inside {directory}: shards are loaded from the model directory only")
+        files.append(index_path.parent / name)
+    return files
 
 
 def export_hf_directory(model: Decoder, path: str | os.PathLike) -> None:
-    """Write config.json + model.safetensors that transformers' AutoModelForCausalLM loads unchanged."""
+    """Write config.json + model.safetensors (+ SHA256SUMS) that transformers' AutoModelForCausalLM loads
+    unchanged; config.json comes last, so a directory that has one is complete. RunStorageError names the
+    directory when it cannot be written."""
     directory = Path(path)
+    try:
+        _write_export(model, directory)
+    except OSError as error:
+        raise RunStorageError(f"cannot write the exported weights to {directory}: {error.strerror or error}",
+                              hint="free space or make it writable, then rerun the same command") from None
+
+
+def _write_export(model: Decoder, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     config = model.cfg.to_hf()
     config["dtype"] = {jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}.get(
         jnp.dtype(model.param_dtype), "float32")
     tensors = jax.device_get(model_to_hf_tensors(model))
+    bad = next((name for name, array in tensors.items() if not np.isfinite(array).all()), None)
+    if bad is not None:  # a model that cannot be served is never written (the run's checkpoints remain)
+        raise NonFiniteWeightsError(f"not exporting to {directory}: tensor {bad!r} holds NaN or inf values")
     save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
+    write_weight_digests(directory, [directory / SINGLE_FILE])
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")

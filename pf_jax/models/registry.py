@@ -67,7 +67,7 @@ def _load(spec: str, **kw: Any) -> tuple[Decoder, Any]:
                 "offline (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set); download it to a directory and pass "
                 f"that path, or use an embedded alias: {', '.join(sorted(EMBEDDED_MODELS))}")
         return _load_hf(spec, **kw)
-    raise ValueError(
+    raise WeightsFileError(
         f"unknown model {spec!r}: not an embedded alias ({', '.join(sorted(EMBEDDED_MODELS))}), not an "
         "existing HF model directory, not a .gguf file, and not a hub name of the form 'owner/name'")
 

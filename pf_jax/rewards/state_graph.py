@@ -17,6 +17,7 @@ import networkx as nx
 import numpy as np
 
 from pf_jax.envs.episodes import Episode
+from pf_jax.rewards.errors import RewardOutputError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +102,7 @@ def propagate_state_values(
     edge_src: np.ndarray,  # int [E]
     edge_dst: np.ndarray,  # int [E]
     gamma: float,
+    keys: Sequence[str] | None = None,  # state key of each node, to name a bad reward
 ) -> np.ndarray:  # float64 [N]
     """Synchronous max-propagation of node rewards to its fixed point (RewardFlow, arXiv 2603.18859).
 
@@ -108,7 +110,8 @@ def propagate_state_values(
 
     For non-negative rewards and 0 <= gamma <= 1 the fixed point is V(s) = max_u gamma^{d(s->u)} r(u)
     (d = directed hop distance, d(s->s) = 0); it is reached after at most N - 1 updates, since a
-    shortest path has at most N - 1 edges. States that reach no reward keep 0.
+    shortest path has at most N - 1 edges. States that reach no reward keep 0. A NaN or inf reward is a
+    RewardOutputError naming its state: the max would carry it to every predecessor.
     """
     values = np.asarray(node_reward, dtype=np.float64).copy()
     edge_src = np.asarray(edge_src, dtype=np.int64)
@@ -120,6 +123,11 @@ def propagate_state_values(
             f"propagate_state_values: edge_src and edge_dst must be 1-D of equal length, got "
             f"{edge_src.shape} and {edge_dst.shape}"
         )
+    bad = np.flatnonzero(~np.isfinite(values)) if values.ndim == 1 else []
+    if len(bad):
+        where = f"state {keys[bad[0]]!r}" if keys is not None else f"node {bad[0]}"
+        raise RewardOutputError(f"propagate_state_values: {where} has reward {values[bad[0]]} ({len(bad)} of "
+                                   f"{values.size} states not finite); an environment reward must be a finite number")
     if np.any(values < 0):
         raise ValueError(
             "propagate_state_values: node rewards must be non-negative (the max-propagation fixed point "
@@ -171,7 +179,7 @@ def group_step_rewards(
     Returns (graph, values [N], per-episode step rewards [T_i] in episode order).
     """
     graph = build_state_graph(episodes)
-    values = propagate_state_values(graph.node_reward, graph.edge_src, graph.edge_dst, gamma)
+    values = propagate_state_values(graph.node_reward, graph.edge_src, graph.edge_dst, gamma, keys=graph.keys)
     lookup = {k: i for i, k in enumerate(graph.keys)}
     per_episode = []
     for episode in episodes:

@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 from jax import Array
 
+from pf_jax.config.errors import ConfigError
 from pf_jax.kernels import packing_pays
 from pf_jax.models.decoder import Decoder, with_layer_layout
 from pf_jax.models.kv_cache import KVCache
@@ -143,8 +144,9 @@ def prepare_prompts(model: Decoder, prompts: Sequence[Sequence[int]], config: Ge
     longest = max((len(p) for p in prompts), default=0)
     length = bucket_length(longest, minimum=config.min_prompt_bucket)
     if length + config.max_new_tokens > model.cfg.max_position_embeddings:
-        raise ValueError(f"padded prompt length {length} + max_new_tokens {config.max_new_tokens} exceeds the "
-                         f"model's max_position_embeddings {model.cfg.max_position_embeddings}")
+        raise ConfigError(f"a prompt of {longest} tokens (padded to {length}) + max_new_tokens {config.max_new_tokens} "
+                          f"exceeds the model's context, max_position_embeddings {model.cfg.max_position_embeddings}",
+                          hint="lower data.max_prompt_tokens or rollout.max_new_tokens")
     graphdef, state = nnx.split(model)
     layout = RowLayout.of(state)  # weights on a multi-device mesh: rows split over its batch axes
     tokens, mask = left_pad(layout.pad_prompts(prompts, n), length=length, pad_token_id=config.pad_token_id,

@@ -2,7 +2,9 @@
 progress bar (step rate, ETA) and, at the end, a summary table, `summary.json` and PNG curves.
 
 Everything lands in the run directory `<runs_dir>/<run_name>/`; only process 0 writes (other processes
-get a logger whose methods do nothing), so multi-host runs can call it unconditionally.
+get a logger whose methods do nothing), so multi-host runs can call it unconditionally. metrics.jsonl is
+appended one whole line per write and cut back to its last complete line on a resume
+(training/run_storage.py): a kill mid-write never blocks the resume.
 """
 
 import json
@@ -29,6 +31,7 @@ from rich.table import Table
 from rich.text import Text
 
 from pf_jax.config import ConfigError, LoggingConfig
+from pf_jax.training.run_storage import LineLog, read_json_lines, write_text
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -51,16 +54,16 @@ def _scalar(name: str, value: Any) -> float:
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Records of a metrics.jsonl file (NaN / inf were written as null)."""
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """Records of a metrics.jsonl file (NaN / inf were written as null); a torn last line is left out."""
+    return read_json_lines(Path(path))
 
 
 class MetricsLogger:
     """Writes `log(step, metrics)` to every enabled sink; `close()` writes the summary and plots.
 
     `resume_step`: continuing a run from a checkpoint of that step keeps the metrics.jsonl records with
-    step <= resume_step (the rest are replayed by the resumed run) and purges later TensorBoard events.
+    step <= resume_step (the rest are replayed by the resumed run; a torn last line is dropped) and purges
+    later TensorBoard events. A write that fails (full disk) raises RunStorageError naming the file.
     """
 
     def __init__(
@@ -90,13 +93,11 @@ class MetricsLogger:
             return
         self.console = console or Console()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        metrics_path = self.run_dir / METRICS_FILE
-        if metrics_path.exists():
-            self.history = [r for r in read_metrics(metrics_path) if r["step"] <= resume_step]
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in self.history))
-        self._jsonl = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
+        self._jsonl = LineLog(self.run_dir / METRICS_FILE,
+                              keep=lambda r: isinstance(r.get("step"), int) and r["step"] <= resume_step)
+        self.history = self._jsonl.records  # the same list: each append lands in both
         if config is not None:
-            (self.run_dir / "config.json").write_text(json.dumps(config, indent=2, default=str))
+            write_text(self.run_dir / "config.json", json.dumps(config, indent=2, default=str))
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -147,9 +148,7 @@ class MetricsLogger:
             return False
         values = {name: _scalar(name, value) for name, value in metrics.items()}
         record = {"step": int(step), "time": time.time(), **{k: v if math.isfinite(v) else None for k, v in values.items()}}
-        self.history.append(record)
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        self._jsonl.append(record)
         if self._tb is not None:
             for name, value in values.items():
                 self._tb.add_scalar(name, value, global_step=step)
@@ -187,7 +186,7 @@ class MetricsLogger:
         if self._wandb is not None:
             self._wandb.finish()
         summary = self.summary()
-        (self.run_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        write_text(self.run_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
         table = Table(title=f"{self.run_dir.name}: {len(self.history)} logged steps")
         for column in ("metric", "first", "last", "min", "max", "mean"):
             table.add_column(column, justify="left" if column == "metric" else "right")

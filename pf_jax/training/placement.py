@@ -78,7 +78,10 @@ class MeshPlacement:
 
     @classmethod
     def from_config(cls, cfg: MeshConfig, *, sampler_dtype: Any = None) -> MeshPlacement | None:
-        """A placement over all devices of all processes, or None for one device in one process."""
+        """A placement over all devices of all processes, or None for one device in one process. A mesh
+        shape that does not fit the devices is a ConfigError, on one device too (mesh.data=3 is a mistake
+        there, not a request to ignore)."""
+        cfg.shape(jax.device_count())
         if jax.device_count() == 1 and jax.process_count() == 1:
             return None
         placement = cls(cfg, sampler_dtype=sampler_dtype)

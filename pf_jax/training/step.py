@@ -2,8 +2,10 @@
 
 A method contributes only `loss_fn(modules, batch) -> (loss, metrics)`; this module turns it into a
 compiled step with micro-batch gradient accumulation, an optax update, and a skip-and-report guard:
-when the loss or any gradient is not finite the parameters and optimizer state are left unchanged and
-the step reports `skipped = 1` with the offending `loss` / `grad_norm` (nothing is silently applied).
+when the loss, any gradient, or any updated parameter or optimizer-state entry is not finite (a learning
+rate that overflows float32 gives finite gradients but an inf update), the parameters and optimizer state
+are left unchanged and the step reports `skipped = 1` with the offending `loss` / `grad_norm` (both
+finite when only the update was not); nothing non-finite is ever applied.
 """
 
 from __future__ import annotations
@@ -89,9 +91,9 @@ def make_train_step(
             (loss, metrics, grads), _ = jax.lax.scan(accumulate, zero, mbs)
             loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / microbatches, (loss, metrics, grads))
 
-        finite = all_finite(loss, grads)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
+        finite = all_finite(loss, grads, new_params, new_opt_state)
         keep = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(finite, a, b), new, old)
         new_state = TrainState(
             step=state.step + 1,

@@ -26,15 +26,15 @@ from flax import nnx
 from pf_jax.config import ConfigError
 from pf_jax.config.loading import config_to_yaml
 from pf_jax.config.recipe import TrainConfig
-from pf_jax.data.iterator import IteratorState
 from pf_jax.evaluation.scoring import MethodResult
 from pf_jax.methods.batches import response_token_count
 from pf_jax.methods.compose import compose, recipe_reward, response_source
 from pf_jax.methods.prompts import prompt_source, training_rows
 from pf_jax.methods.protocols import Models
 from pf_jax.methods.scoring import Scorer
-from pf_jax.training.checkpoint import Checkpointer, StopSignal
+from pf_jax.training.checkpoint import Checkpointer, StopSignal, restore_data_position
 from pf_jax.training.evaluators import evaluator_for
+from pf_jax.training.guards import SkipGuard, check_prompts_fit
 from pf_jax.training.metrics import MetricsLogger
 from pf_jax.training.model_source import load_policy
 from pf_jax.training.placement import MeshPlacement
@@ -62,6 +62,8 @@ class Trainer:
         self.run_dir = Path(cfg.logging.runs_dir) / cfg.logging.run_name
         policy, self.codec = load_policy(cfg.model, runs_dir=cfg.logging.runs_dir)
         self.rows = training_rows(cfg, composition.kind, self.codec)
+        check_prompts_fit(self.rows, lambda text: len(self.codec.encode_prompt(text)), policy.cfg, cfg,
+                          sampling=composition.samples)
         self.prompts = prompt_source(cfg, composition.kind, self.rows, process_index=process_index,
                                      process_count=process_count)
         update = build_update(cfg, composition, policy)
@@ -159,9 +161,6 @@ class Trainer:
         t2 = time.perf_counter()
         metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1,
                        tokens_per_s=response_token_count(batch) / max(t2 - t0, 1e-9))
-        if metrics.get("skipped"):
-            print(f"[pf_jax] step {step + 1}: {int(metrics['skipped'])} update(s) skipped: non-finite "
-                  f"loss or gradient (loss={metrics.get('loss')}, grad_norm={metrics.get('grad_norm')})")
         return metrics
 
     # -- evaluation and export -------------------------------------------------------------------------
@@ -212,11 +211,10 @@ class Trainer:
             return 0
         target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                         self.state)
-        restored = checkpointer.restore_latest(target)
+        restored = checkpointer.restore_latest(target, accept=lambda meta: restore_data_position(self.prompts, meta))
         if restored is None:
             return 0
         self.state = restored.state
-        self.prompts.restore(IteratorState.from_json(restored.meta["data"]))
         print(f"[pf_jax] resumed {self.run_dir} at step {restored.step}")
         return restored.step
 
@@ -238,16 +236,19 @@ class Trainer:
         step on error; (steps done, whether the run completed)."""
         steps, done, completed = self.cfg.steps, start, start >= self.cfg.steps
         finished: tuple[int, Any, dict] | None = None  # the last step finished here: (step, state, meta)
+        guard = SkipGuard.from_config(self.cfg, self.updates_per_step)
         with StopSignal() as stop, _saved_on_error(lambda: self._save_finished(checkpointer, finished)):
             for step in range(start, steps):
-                logger.log(step + 1, self.train_one_step(step))
+                metrics = self.train_one_step(step)
+                logger.log(step + 1, metrics)
                 done, last = step + 1, step + 1 == steps
                 meta = {"data": self.prompts.state.to_json()}
                 finished = (done, self.state, meta)
                 checkpointer.save(done, self.state, meta, force=last or stop.requested)
+                guard.observe(done, metrics)
                 completed = completed or last
                 if stop.requested and not last:
-                    print(f"[pf_jax] {stop.received or 'stop'} received: saved step {done}, exiting")
+                    print(f"[pf_jax] {stop.received.name if stop.received else 'stop'} received: saved step {done}, exiting")
                     break
                 every = self.cfg.eval.every_steps
                 if every and done % every == 0 and not last:
