@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from pf_jax.config.mesh import MeshConfig
 from pf_jax.config.sections import CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig, Section
@@ -225,6 +225,20 @@ class TrainingSection(Section):
     max_consecutive_skips: int = Field(20, ge=1)
 
 
+class ExportSection(Section):
+    """What a finished run writes into <run_dir>/export. `export: false` in a recipe is `export.enabled:
+    false`. merge: with LoRA, also write the merged full model (W + (alpha/rank) A B) as an HF directory
+    in export/ beside the PEFT adapter in export/adapter/; without LoRA the policy is always exported whole."""
+
+    enabled: bool = True
+    merge: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        return {"enabled": value} if isinstance(value, bool) else value
+
+
 class TrainConfig(Section):
     """A whole recipe. `steps` counts rollout batches (one prompt batch each), not optimizer updates.
     The schema checks each section; whether the recipe fits its method (a reward where one is needed,
@@ -247,4 +261,4 @@ class TrainConfig(Section):
     steps: int = Field(100, ge=1)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
-    export: bool = True
+    export: ExportSection = ExportSection()

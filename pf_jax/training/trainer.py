@@ -261,7 +261,7 @@ class Trainer:
         """After the last step: export, the objective's own final metrics, the trained policy's evaluation
         beside the base model's, and the report."""
         modules = self.modules()
-        if self.cfg.export:
+        if self.cfg.export.enabled:
             result.export_dir = self.export(modules)
         result.summary.update(self.objective.final_metrics(modules, self.codec, self.cfg, self.run_dir))
         name = self.cfg.method.name
