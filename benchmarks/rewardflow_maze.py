@@ -35,7 +35,7 @@ def evaluate(trainer: Trainer, episodes_per_task: int, key: jax.Array) -> float:
     group = trainer.cfg.env.group_size
     wins = []
     for k in range(max(1, episodes_per_task // group)):
-        episodes = trainer.responses.rollouts(rows, trainer.graphdefs["policy"], trainer.state.params["policy"], jax.random.fold_in(key, k))
+        episodes = trainer.responses.rollouts(rows, trainer.models().sampler_model(), jax.random.fold_in(key, k))
         wins.append(episode_metrics(episodes)["success_rate"])
     return float(np.mean(wins))
 

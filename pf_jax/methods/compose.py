@@ -22,6 +22,8 @@ from pf_jax.methods.responses import (
     PolicySamples,
 )
 from pf_jax.methods.scoring import Scorer
+from pf_jax.models.errors import ModelInputError
+from pf_jax.models.lora import LoraSpec
 from pf_jax.rewards.text_rewards import RewardFn
 from pf_jax.sampling.texts import generation_config
 from pf_jax.tasks.rewards import INTERNAL_REWARDS, answer_format, build_reward
@@ -62,7 +64,30 @@ def check_recipe(cfg: TrainConfig) -> Method:
                           f"{m.responses!r} responses, which cannot be switched (method.responses applies to "
                           f"{', '.join(n for n, x in METHODS.items() if x.responses in COMPLETION_KINDS)})")
     _check_groups(cfg, m)
+    _check_lora(cfg)
     return m
+
+
+def _check_lora(cfg: TrainConfig) -> None:
+    """model.lora against what it can serve: known targets, no adapters on a backbone the recipe freezes,
+    QLoRA's quantised base on one device (its sharding on a mesh is not written yet)."""
+    lora = cfg.model.lora
+    if lora is None:
+        return
+    try:
+        LoraSpec(lora.rank, lora.alpha, lora.dropout, LoraSpec.resolve_targets(lora.targets), lora.init)
+    except ModelInputError as error:
+        raise ConfigError(f"model.lora.targets: {error}") from None
+    if cfg.method.name == "reward_model" and cfg.reward_model.freeze_backbone:
+        raise ConfigError("model.lora adapts the backbone that reward_model.freeze_backbone=true freezes: "
+                          "drop one of the two")
+    if lora.quantize is not None and max(cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor) > 1:
+        raise qlora_on_a_mesh(lora.quantize)
+
+
+def qlora_on_a_mesh(qtype: str) -> ConfigError:
+    return ConfigError(f"model.lora.quantize={qtype!r}: a quantised base on a mesh of several devices is not "
+                       "supported yet; train QLoRA on one device, or LoRA without quantize on the mesh")
 
 
 def _check_groups(cfg: TrainConfig, m: Method) -> None:

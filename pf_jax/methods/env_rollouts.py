@@ -111,19 +111,17 @@ class EnvRollouts:
         self.rollout = rollout_config(self.env)
         self.last_episodes: list[Episode] = []
 
-    def rollouts(self, rows: Sequence[Mapping[str, Any]], graphdef: nnx.GraphDef, policy: nnx.State,
-                 key: jax.Array) -> list[Episode]:
-        model = nnx.merge(graphdef, policy)
+    def rollouts(self, rows: Sequence[Mapping[str, Any]], model: nnx.Module, key: jax.Array) -> list[Episode]:
         sampler = SamplerPolicy(model, self.codec, self.gen, batch_size=len(rows) * self.env.group_size, key=key,
                                 max_prompt_tokens=self.max_prompt_tokens)
         return run_rollouts(self.make_env, [(str(r["task"]), int(r["seed"])) for r in rows], self.env.group_size,
                             sampler, self.rollout)
 
     def __call__(self, rows: Sequence[Mapping[str, Any]], models: Models, key: jax.Array) -> EpisodeRollout:
-        episodes = self.rollouts(rows, models.graphdefs["policy"], models.params["policy"], key)
+        episodes = self.rollouts(rows, models.sampler_model(), key)
         self.last_episodes = episodes
         seq, old_logp, real = pack_step_rows(episodes, self.codec.pad_id, min_rows=self.env.min_row_bucket)
-        ref = self.scorer.logprobs(models.reference, seq) if self.needs.reference_logp else None
+        ref = self.scorer.logprobs(models.reference, seq, models.reference_graphdef) if self.needs.reference_logp else None
         steps = [s for e in episodes for s in e.steps]
         metrics = {**episode_metrics(episodes), "step_rows": float(real.sum()),
                    "response_length": float(np.mean([s.response_tokens.size for s in steps])),

@@ -45,12 +45,26 @@ class Needs:
 
 @dataclass(frozen=True)
 class Models:
-    """The modules a response source may run: graph definitions and parameters (as the sampler uses
-    them) of the trained modules (policy + heads), and the frozen reference (None: the recipe keeps none)."""
+    """The modules a response source may run, as the sampler uses them: graph definitions and parameters
+    of the trained modules (the policy whole: with LoRA, its adapters and base together; its heads), the
+    frozen reference (None: the recipe keeps none) with its graph (None: the policy's; with LoRA, the
+    policy without adapters over the base), and the sampler's own (graph, parameters) when rollouts
+    decode another form of the policy (LoRA merged into the weights); None: the policy itself."""
 
     graphdefs: Mapping[str, nnx.GraphDef]
     params: Mapping[str, nnx.State]
     reference: nnx.State | None = None
+    reference_graphdef: nnx.GraphDef | None = None
+    sampler: tuple[nnx.GraphDef, nnx.State] | None = None
+
+    def policy(self) -> nnx.Module:
+        return nnx.merge(self.graphdefs["policy"], self.params["policy"])
+
+    def reference_model(self) -> nnx.Module:
+        return nnx.merge(self.reference_graphdef or self.graphdefs["policy"], self.reference)
+
+    def sampler_model(self) -> nnx.Module:
+        return self.policy() if self.sampler is None else nnx.merge(*self.sampler)
 
 
 @dataclass

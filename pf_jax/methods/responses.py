@@ -19,7 +19,6 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from pf_jax.data.codec import TextCodec
 from pf_jax.data.sequences import SequenceBatch, bucket_length, pack_sequences
@@ -50,7 +49,7 @@ class DatasetCompletions:
 
     def __call__(self, rows: Sequence[Row], models: Models, key: jax.Array) -> Completions:
         seq = pack_texts(self.codec, [r["prompt"] for r in rows], [r[self.field] for r in rows])
-        ref = self.scorer.logprobs(models.reference, seq) if self.needs.reference_logp else None
+        ref = self.scorer.logprobs(models.reference, seq, models.reference_graphdef) if self.needs.reference_logp else None
         return Completions(rows, seq, np.arange(len(rows)), ref_logp=ref)
 
 
@@ -70,16 +69,16 @@ class DatasetPairs:
         R = bucket_length(max(map(len, chosen + rejected)))
         c = pack_sequences(prompts, chosen, pad_id=self.codec.pad_id, prompt_len=P, response_len=R)
         j = pack_sequences(prompts, rejected, pad_id=self.codec.pad_id, prompt_len=P, response_len=R)
-        return scored_pairs(rows, c, j, self.scorer, models.reference if self.needs.reference_logp else None)
+        return scored_pairs(rows, c, j, self.scorer, models if self.needs.reference_logp else None)
 
 
 def scored_pairs(rows: Sequence[Row], chosen: SequenceBatch, rejected: SequenceBatch, scorer: Scorer,
-                 reference: nnx.State | None, metrics: dict[str, float] | None = None) -> Pairs:
-    """Pairs with the reference's log-probs of both sides (None reference: not scored)."""
-    if reference is None:
+                 models: Models | None, metrics: dict[str, float] | None = None) -> Pairs:
+    """Pairs with the reference's log-probs of both sides (models None: not scored)."""
+    if models is None:
         return Pairs(rows, chosen, rejected, metrics=metrics or {})
-    return Pairs(rows, chosen, rejected, scorer.logprobs(reference, chosen), scorer.logprobs(reference, rejected),
-                 metrics or {})
+    score = lambda seq: scorer.logprobs(models.reference, seq, models.reference_graphdef)
+    return Pairs(rows, chosen, rejected, score(chosen), score(rejected), metrics or {})
 
 
 @dataclass
@@ -111,8 +110,7 @@ class PolicySamples:
     sample_from: str = "policy"
 
     def __call__(self, rows: Sequence[Row], models: Models, key: jax.Array) -> Completions:
-        source = models.reference if self.sample_from == "reference" else models.params["policy"]
-        model = nnx.merge(models.graphdefs["policy"], source)
+        model = models.reference_model() if self.sample_from == "reference" else models.sampler_model()
         seq, logp, texts, group_ids = sample_responses(model, self.codec, [r["prompt"] for r in rows],
                                                        self.samples_per_prompt, key, self.gen)
         out = Completions(rows, seq, group_ids, texts, behaviour_logp=logp,
@@ -122,7 +120,7 @@ class PolicySamples:
             out.has_answer = np.array([self.answer_format(t) is not None for t in texts])
             out.metrics["answer_rate"] = float(out.has_answer.mean())
         if self.needs.reference_logp:
-            out.ref_logp = self.scorer.logprobs(models.reference, seq)
+            out.ref_logp = self.scorer.logprobs(models.reference, seq, models.reference_graphdef)
         if self.needs.values:
             out.values = self.scorer.values(models.params["policy"], models.graphdefs["value"],
                                             models.params["value"], seq)
@@ -159,7 +157,7 @@ class PairsFromSamples:
         valid = np.asarray(valid)
         take = lambda i: _masked(jax.tree_util.tree_map(lambda x: x[np.asarray(i)], s.seq), valid)
         metrics = {**s.metrics, "kept_fraction": float(valid.mean())}
-        return scored_pairs(rows, take(chosen_idx), take(rejected_idx), self.scorer, models.reference, metrics)
+        return scored_pairs(rows, take(chosen_idx), take(rejected_idx), self.scorer, models, metrics)
 
 
 def _masked(seq: SequenceBatch, valid: np.ndarray) -> SequenceBatch:

@@ -96,8 +96,9 @@ class Scorer:
     graphdef: nnx.GraphDef
     chunk_size: int
 
-    def logprobs(self, params: nnx.State, seq: SequenceBatch) -> Array:
-        return _score(self.graphdef, params, seq, self.chunk_size, False, weights_mesh(params))[0]
+    def logprobs(self, params: nnx.State, seq: SequenceBatch, graphdef: nnx.GraphDef | None = None) -> Array:
+        """Per-token log-probs [B, R] of `params` (in `graphdef`, default the scorer's: the policy's)."""
+        return _score(graphdef or self.graphdef, params, seq, self.chunk_size, False, weights_mesh(params))[0]
 
     def logprobs_entropy_hidden(self, params: nnx.State, seq: SequenceBatch) -> tuple[Array, Array, Array]:
         return _score(self.graphdef, params, seq, self.chunk_size, True, weights_mesh(params))

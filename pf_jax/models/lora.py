@@ -91,21 +91,29 @@ def _init_a(spec: LoraSpec, key: Array, shape: tuple[int, ...], fan_in: int, dty
     return (jax.random.normal(key, shape) / spec.rank).astype(dtype)
 
 
+def _adapter(value: Array, names: tuple[str | None, ...]) -> LoraParam:
+    return LoraParam(value, out_sharding=names, eager_sharding=False)
+
+
 def add_adapters(model: nnx.Module, spec: LoraSpec, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32) -> None:
     """Give `model` (a Decoder, scanned or unrolled layers) fresh adapters for spec's targets, in place."""
     layers = [model.layers] if model.scan_layers else list(model.layers)
     for layer in layers:
         for name in spec.projections:
-            w = getattr(layer, name)[...]
+            var = getattr(layer, name)
+            w = var.get_value()
             _, in_dims = next(v for v in PROJECTIONS.values() if v[0] == name)
             L, ins, outs = w.shape[0], w.shape[1 : 1 + in_dims], w.shape[1 + in_dims :]
+            names = var.get_metadata().get("out_sharding") or (None,) * len(w.shape)
             a = _init_a(spec, rngs.params(), (L, *ins, spec.rank), math.prod(ins), dtype)
-            setattr(layer, f"{name}_lora_a", LoraParam(a))
-            setattr(layer, f"{name}_lora_b", LoraParam(jnp.zeros((L, spec.rank, *outs), dtype)))
+            # the weight's logical axes on each side (layers, embed / heads, ...), the rank replicated
+            setattr(layer, f"{name}_lora_a", _adapter(a, (*names[: 1 + in_dims], None)))
+            b = jnp.zeros((L, spec.rank, *outs), dtype)
+            setattr(layer, f"{name}_lora_b", _adapter(b, (names[0], None, *names[1 + in_dims :])))
     if EMBEDDING in spec.targets:  # PEFT's embedding adapter: A = 0, B ~ N(0, 1)
         V, D = model.embed.shape
-        model.embed_lora_a = LoraParam(jnp.zeros((V, spec.rank), dtype))
-        model.embed_lora_b = LoraParam(jax.random.normal(rngs.params(), (spec.rank, D)).astype(dtype))
+        model.embed_lora_a = _adapter(jnp.zeros((V, spec.rank), dtype), ("vocab", None))
+        model.embed_lora_b = _adapter(jax.random.normal(rngs.params(), (spec.rank, D)).astype(dtype), (None, "embed"))
     model.lora = spec
 
 
@@ -192,14 +200,26 @@ def _stacked_product(a: Array, b: Array) -> Array:
     return jnp.einsum(f"l{ins}r,lr{outs}->l{ins}{outs}", a, b)
 
 
+def _plain(model: nnx.Module, cfg: Any = None) -> nnx.Module:
+    """An abstract Decoder like `model` (config, dtypes, remat, layout, ops) without adapters."""
+    return nnx.eval_shape(lambda: type(model)(cfg or model.cfg, rngs=nnx.Rngs(0), dtype=model.dtype,
+                                              param_dtype=model.param_dtype, remat=model.remat,
+                                              scan_layers=model.scan_layers, ops=model.ops))
+
+
+def graphdef_without_adapters(model: nnx.Module) -> nnx.GraphDef:
+    """The graph of `model` without its adapters: merged with the base parameters alone it is the base model
+    (LoRA's reference, with no second copy of the weights)."""
+    return nnx.graphdef(_plain(model))
+
+
 def merged_model(model: nnx.Module) -> nnx.Module:
     """A copy of the Decoder `model` without adapters, each folded into the weight it adapts. A tied
     embedding with an embedding adapter is untied: the merged input embedding no longer equals the head."""
     spec = model.lora
     untie = spec is not None and EMBEDDING in spec.targets and model.cfg.tie_embeddings
     cfg = dataclasses.replace(model.cfg, tie_embeddings=False) if untie else model.cfg
-    new = nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0), dtype=model.dtype, param_dtype=model.param_dtype,
-                                             remat=model.remat, scan_layers=model.scan_layers, ops=model.ops))
+    new = _plain(model, cfg)
     embed = model.embed[...]
     if spec is not None and EMBEDDING in spec.targets:
         merged = embed + spec.scale * model.embed_lora_a[...] @ model.embed_lora_b[...]

@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from qwix import QArray
 
 from pf_jax.config import ConfigError
 from pf_jax.config.recipe import TrainConfig
@@ -60,6 +61,7 @@ from pf_jax.sharding.mesh import (
     train_state_shardings,
 )
 from pf_jax.sharding.topology import Topology, tpu_topology
+from pf_jax.training.model_source import with_adapters
 from pf_jax.training.step import TrainState
 from pf_jax.training.update import RecipeUpdate, build_update
 
@@ -150,6 +152,7 @@ class AbstractRecipe:
     update: RecipeUpdate
     state: TrainState  # abstract, with the trainer's shardings
     sampler_weights: Any  # the policy as the sampler / scorers read it (scanned)
+    frozen: dict[str, Any] = field(default_factory=dict)  # LoRA's frozen base, placed (a step argument)
     resident: dict[str, int] = field(default_factory=dict)
 
 
@@ -185,9 +188,12 @@ def abstract_decoder(cfg: TrainConfig, *, scan_layers: bool = True, ops: Any = N
     e.g. pf_jax.models.ops.XlaOps() to measure the einsum attention instead of splash)."""
     model_cfg = recipe_model_config(cfg.model, runs_dir=cfg.logging.runs_dir)
     dtype = lambda name: jnp.bfloat16 if name == "bfloat16" else jnp.float32
-    model = nnx.eval_shape(lambda: Decoder(model_cfg, rngs=nnx.Rngs(0), dtype=dtype(cfg.model.dtype),
-                                           param_dtype=dtype(cfg.model.param_dtype), remat=cfg.model.remat,
-                                           scan_layers=scan_layers))
+    def build() -> Decoder:
+        model = Decoder(model_cfg, rngs=nnx.Rngs(0), dtype=dtype(cfg.model.dtype),
+                        param_dtype=dtype(cfg.model.param_dtype), remat=cfg.model.remat, scan_layers=scan_layers)
+        return model if cfg.model.lora is None else with_adapters(model, cfg.model.lora)
+
+    model = nnx.eval_shape(build)
     ops = ops or tpu_ops()
     if ops is not None:
         model.ops = ops
@@ -215,14 +221,15 @@ def abstract_recipe(cfg: TrainConfig, topology: Topology, *, ops: Any = None) ->
     state = TrainState(step=SDS((), jnp.int32), params=params, opt_state=jax.eval_shape(update.tx.init, params),
                        rng=jax.eval_shape(lambda: jax.random.key(cfg.seed)))
     state = _placed(state, train_state_shardings(state, mesh, rules))
+    frozen = {k: _placed(v, state_shardings(v, mesh, rules)) for k, v in _abstract(update.frozen).items()}
+    policy = nnx.merge_state(state.params["policy"], frozen["policy"]) if frozen else state.params["policy"]
     copies = mesh.size > 1  # one device: the sampler and scorers read the training arrays themselves
-    weights = (_sampler_view(state.params["policy"], mesh, rules, update.compute_dtype) if copies
-               else state.params["policy"])
+    weights = _sampler_view(policy, mesh, rules, update.compute_dtype) if copies else policy
     recipe = AbstractRecipe(cfg, composition, topology, mesh, rules, recipe_sizes(cfg, composition),
-                            sampling, reference, update, state, weights)
-    policy = device_bytes(state.params["policy"])
-    recipe.resident.update({"parameters": device_bytes(state.params), "optimizer state": device_bytes(state.opt_state),
-                            "reference": policy if reference else 0,
+                            sampling, reference, update, state, weights, frozen)
+    recipe.resident.update({"parameters": device_bytes(state.params) + device_bytes(frozen),
+                            "optimizer state": device_bytes(state.opt_state),
+                            "reference": device_bytes(policy) if reference and not frozen else 0,  # LoRA: the base
                             "sampler policy copy": device_bytes(weights) if copies else 0,
                             "sampler reference copy": device_bytes(weights) if copies and reference else 0})
     return recipe
@@ -274,8 +281,11 @@ def train_step_program(r: AbstractRecipe) -> tuple[Any, tuple[Any, Any]]:
         raise ConfigError(f"one update's batch on mesh {dict(r.mesh.shape)}: {error} (rollout.minibatches, "
                           f"rollout.prompts_per_step or batch_size set it)") from error
     s_shard = jax.tree_util.tree_map(lambda x: x.sharding, r.state)
-    step = shard_train_step(r.update.step_fn, s_shard, b_shard, rules=r.rules)
-    return step, (r.state, _placed(batch, b_shard))
+    if not r.frozen:
+        return shard_train_step(r.update.step_fn, s_shard, b_shard, rules=r.rules), (r.state, _placed(batch, b_shard))
+    f_shard = jax.tree_util.tree_map(lambda x: x.sharding, r.frozen)
+    step = shard_train_step(r.update.step_fn, s_shard, b_shard, rules=r.rules, frozen_shardings=f_shard)
+    return step, (r.state, _placed(batch, b_shard), r.frozen)
 
 
 def compile_train_step(r: AbstractRecipe) -> tuple[ProgramPlan, float | None]:
@@ -427,6 +437,9 @@ def compile_recipe(cfg: TrainConfig, topology: str) -> CompiledPlan:
                                         note=f"{s.sequences} x {s.length} tokens, entropy={runs}{why}"))
         programs += compile_sampler(r)
     analytic, assumed = plan_recipe(cfg, device_count=slice_.size, compile_step=False)
-    num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(r.state.params["policy"]))
+    base = r.frozen.get("policy", r.state.params["policy"])  # with LoRA the model is the base (6·N·tokens)
+    quantized = lambda x: isinstance(x, QArray)
+    num_params = sum(math.prod((x.qvalue if quantized(x) else x).shape)
+                     for x in jax.tree_util.tree_leaves(base, is_leaf=quantized))
     return CompiledPlan(f"{cfg.method.name} on {cfg.model.name}", slice_, dict(r.mesh.shape), s, tuple(programs),
                         dict(r.resident), num_params, flops, analytic, assumed)

@@ -34,11 +34,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from qwix import QArray
 
 from pf_jax.config import OptimizerConfig
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.kv_cache import KVCache
+from pf_jax.models.lora import LoraParam
 from pf_jax.sharding.mesh import (
     DEFAULT_RULES,
     MESH_AXES,
@@ -107,21 +109,27 @@ def sharded_bytes(tree: Any, mesh_shape: Mapping[str, int], rules: Rules = DEFAU
     """
     total = per_device = 0
 
-    def visit(x: Any) -> None:
+    def add(shape: tuple[int, ...], dtype: Any, names: Sequence[str | None] | None) -> None:
         nonlocal total, per_device
+        bits = jnp.iinfo(dtype).bits if jnp.issubdtype(dtype, jnp.integer) else np.dtype(dtype).itemsize * 8
+        size = math.prod(shape) * bits // 8  # int4 / NF4 codes: two a byte
+        total += size
+        if names is None or len(names) != len(shape):
+            per_device += size
+            return
+        per_device += size // math.prod(_spec_divisor(logical_to_spec(names, shape, mesh_shape, rules), mesh_shape))
+
+    def visit(x: Any) -> None:
         names = logical
         if isinstance(x, nnx.Variable):
             meta = x.get_metadata()
             names = meta.get("out_sharding") or meta.get("sharding_names")
             x = x.get_value()
-        shape, itemsize = tuple(np.shape(x)), np.dtype(x.dtype).itemsize
-        size = math.prod(shape) * itemsize
-        total += size
-        if names is None or len(names) != len(shape):
-            per_device += size
+        if isinstance(x, QArray):  # a quantised weight: its integers split like the weight, its scales small
+            add(tuple(x.qvalue.shape), x.qvalue.dtype, names)
+            add(tuple(x.scale.shape), x.scale.dtype, None)
             return
-        divisor = _spec_divisor(logical_to_spec(names, shape, mesh_shape, rules), mesh_shape)
-        per_device += size // math.prod(divisor)
+        add(tuple(np.shape(x)), x.dtype, names)
 
     for leaf in jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nnx.Variable)):
         visit(leaf)
@@ -132,6 +140,15 @@ def abstract_params(cfg: ModelConfig, dtype: Any) -> nnx.State:
     """The decoder's parameters as ShapeDtypeStructs with their logical-axis metadata (no memory)."""
     model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype))
     return nnx.state(model, nnx.Param)
+
+
+def abstract_lora_params(cfg: ModelConfig, dtype: Any, lora: Any) -> tuple[nnx.State, nnx.State]:
+    """(adapters, frozen base) of the decoder with the recipe's model.lora applied, as ShapeDtypeStructs."""
+    from pf_jax.training.model_source import with_adapters
+
+    model = nnx.eval_shape(lambda: with_adapters(Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=dtype, dtype=dtype), lora))
+    _, adapters, base = nnx.split(model, LoraParam, nnx.Param)
+    return adapters, base
 
 
 def plan_memory(
@@ -153,6 +170,7 @@ def plan_memory(
     compile_step: bool = True,
     rules: Rules = DEFAULT_RULES,
     name: str = "",
+    lora: Any = None,
 ) -> MemoryPlan:
     """Per-device memory of training `cfg` on a (data, fsdp, tensor) mesh; nothing is allocated.
 
@@ -160,6 +178,8 @@ def plan_memory(
     jax.device_count() is used). kv_cache = (batch, max_len) of the sampler's cache; train_batch =
     (batch, seq_len) of one optimizer step, used to compile the step when enough devices exist.
     frozen_policy: the policy is not trained (a frozen backbone under a trained head): no optimizer state.
+    lora: the recipe's model.lora section: only adapters train over the frozen (maybe quantised) base, which
+    is also the reference (no second copy).
     """
     shape = resolve_mesh_shape(mesh_shape, device_count or (
         math.prod(mesh_shape) if -1 not in mesh_shape else jax.device_count()))
@@ -169,16 +189,22 @@ def plan_memory(
 
     tx = build_optimizer(optimizer, total_steps=1000)
     params = abstract_params(cfg, param_dtype)
-    opt_state = jax.eval_shape(tx.init, params)
     num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
-
     rows = [MemoryRow("policy parameters", *sharded_bytes(params, mesh, rules), f"{np.dtype(param_dtype).name} master")]
+    if lora is not None:  # the base is frozen (and is the reference); the adapters train
+        adapters, base = abstract_lora_params(cfg, param_dtype, lora)
+        kind = f"{lora.quantize} QLoRA" if lora.quantize else np.dtype(param_dtype).name
+        rows = [MemoryRow("frozen base", *sharded_bytes(base, mesh, rules), f"{kind}, also the reference"),
+                MemoryRow("LoRA adapters", *sharded_bytes(adapters, mesh, rules), f"rank {lora.rank}, trained")]
+        params, reference = adapters, False
+    opt_state = jax.eval_shape(tx.init, params)
     if frozen_policy:  # optax.set_to_zero: no state for the policy's parameters
         rows.append(MemoryRow("optimizer state", 0, 0, "none: the policy is frozen (only a head trains)"))
     else:
         rows.append(MemoryRow("optimizer state", *sharded_bytes(opt_state, mesh, rules),
-                              f"{optimizer.name}, mirrors params"))
-    rows.append(MemoryRow("gradients", *sharded_bytes(params, mesh, rules), "estimate: one fp32 copy during the update"))
+                              f"{optimizer.name}, mirrors the trained params"))
+    rows.append(MemoryRow("gradients", *sharded_bytes(params, mesh, rules),
+                          "estimate: one fp32 copy of the trained params during the update"))
     if reference:
         ref = abstract_params(cfg, reference_dtype)
         rows.append(MemoryRow("reference model", *sharded_bytes(ref, mesh, rules),

@@ -231,22 +231,24 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
 
 
 def shard_train_step(step_fn: Any, state_shardings: Any, batch_shardings: Any, *, donate_state: bool = True,
-                     rules: Rules = DEFAULT_RULES) -> Any:
-    """jax.jit(step_fn) with explicit in/out shardings: (state, batch) -> (state, metrics).
+                     rules: Rules = DEFAULT_RULES, frozen_shardings: Any = None) -> Any:
+    """jax.jit(step_fn) with explicit in/out shardings: (state, batch[, frozen]) -> (state, metrics).
 
     The new state keeps `state_shardings`, metrics are replicated scalars, and the old state's buffers are
-    donated (the caller must not reuse the state it passed in). The step is traced inside
+    donated (the caller must not reuse the state it passed in). `frozen_shardings`: those of the step's
+    frozen parameters (LoRA's base), passed as a third argument and never donated. The step is traced inside
     `activation_sharding(mesh, rules)`, so `constrain` calls in the model take effect.
     """
     mesh = next(s.mesh for s in jax.tree_util.tree_leaves(state_shardings) if isinstance(s, NamedSharding))
 
-    def traced_step(state: Any, batch: Any) -> Any:
+    def traced_step(state: Any, batch: Any, *frozen: Any) -> Any:
         with activation_sharding(mesh, rules):
-            return step_fn(state, batch)
+            return step_fn(state, batch, *frozen)
 
+    in_shardings = (state_shardings, batch_shardings) + (() if frozen_shardings is None else (frozen_shardings,))
     return jax.jit(
         traced_step,
-        in_shardings=(state_shardings, batch_shardings),
+        in_shardings=in_shardings,
         out_shardings=(state_shardings, replicated(mesh)),
         donate_argnums=(0,) if donate_state else (),
     )

@@ -22,6 +22,8 @@ write fails later; the checkpoints already on disk are kept.
 
 import contextlib
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 import re
@@ -384,3 +386,29 @@ class StopSignal:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+
+
+def base_record(model_name: str, base: Any) -> dict[str, Any]:
+    """What a LoRA checkpoint records of the frozen base its adapters were trained on: the model's name and
+    one sha256 over its arrays' digests (None when the arrays span several processes: not checked)."""
+    digests = state_digests(base)
+    joint = None if digests is None else hashlib.sha256(json.dumps(digests, sort_keys=True).encode()).hexdigest()
+    return {"model": model_name, "sha256": joint}
+
+
+def check_base(meta: dict[str, Any], record: dict[str, Any] | None) -> None:
+    """A CheckpointMismatchError when the checkpoint's adapters were trained on another base than this run's
+    (or the run and the checkpoint differ in having adapters at all)."""
+    saved = meta.get("base")
+    if record is None and saved is None:
+        return
+    if record is None or saved is None:
+        what = "LoRA adapters" if saved is not None else "a full model, not LoRA adapters"
+        raise CheckpointMismatchError(f"the checkpoint of step {meta.get('step')} holds {what}, unlike this run "
+                                      "(model.lora): resume with the same recipe, or run in another directory")
+    if saved.get("sha256") and record["sha256"] and saved["sha256"] != record["sha256"]:
+        raise CheckpointMismatchError(
+            f"the adapters of step {meta.get('step')} were trained on another base model: model.name="
+            f"{record['model']!r} (sha256 {record['sha256'][:16]}...) is not the base they were saved with "
+            f"({saved.get('model')!r}, sha256 {saved['sha256'][:16]}...): resume with that base, or run in "
+            "another directory")

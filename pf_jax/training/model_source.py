@@ -10,13 +10,16 @@ import jax.numpy as jnp
 from flax import nnx
 
 from pf_jax.config import ConfigError
-from pf_jax.config.recipe import CONFIGS_DIR, ModelSection
+from pf_jax.config.recipe import CONFIGS_DIR, LoraSection, ModelSection
 from pf_jax.data.codec import CharCodec, HFCodec, TextCodec
 from pf_jax.data.saved_codec import load_codec
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.models.hf_io import load_hf_directory
+from pf_jax.models.lora import LoraSpec, add_adapters
 from pf_jax.models.ops import select_ops
+from pf_jax.models.peft_io import load_peft_adapter
+from pf_jax.models.quantized import QuantSpec, quantize_base
 from pf_jax.tasks.maze import maze_vocabulary, maze_word_codec
 
 ARITH_BASE = "arith-base"
@@ -77,7 +80,7 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
         config, codec = tiny_model_config(cfg)
         model = Decoder(config, rngs=nnx.Rngs(cfg.tiny.init_seed), dtype=dtype, param_dtype=param_dtype,
                         remat=cfg.remat, ops=select_ops(jax.default_backend()))
-        return model, codec
+        return (model if cfg.lora is None else with_adapters(model, cfg.lora)), codec
     if name in BUILT_IN_BASES:
         name = str(built_in_base_directory(name, runs_dir))
         if not (Path(name) / "config.json").is_file():
@@ -95,4 +98,25 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
         codec = HFCodec(tokenizer, chat_template=cfg.chat_template, eos_ids=model.cfg.eos_token_ids)
     model.remat = cfg.remat  # rematerialise each layer in the backward pass (a static attribute of the graph)
     model.ops = select_ops(jax.default_backend())  # splash attention on TPU, cuDNN on GPU, einsums on CPU
+    if cfg.lora is not None:
+        with_adapters(model, cfg.lora)
     return model, codec
+
+
+def base_model_name(cfg: ModelSection, runs_dir: str | Path = "runs") -> str:
+    """What a PEFT adapter's base_model_name_or_path names: the base's HF directory (absolute) when it is
+    one, else its hub name or embedded alias as the recipe gives it."""
+    name = str(built_in_base_directory(cfg.name, runs_dir)) if cfg.name in BUILT_IN_BASES else cfg.name
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def with_adapters(model: Decoder, lora: LoraSection) -> Decoder:
+    """`model` made a LoRA policy, in place: its base quantised first when lora.quantize is set (QLoRA),
+    then fresh adapters, or those of the PEFT directory lora.init_from."""
+    if lora.quantize is not None:
+        quantize_base(model, QuantSpec(lora.quantize, lora.group_size))
+    if lora.init_from is not None:
+        return load_peft_adapter(model, lora.init_from, dropout=lora.dropout)
+    spec = LoraSpec(lora.rank, lora.alpha, lora.dropout, LoraSpec.resolve_targets(lora.targets), lora.init)
+    add_adapters(model, spec, rngs=nnx.Rngs(0), dtype=model.param_dtype)
+    return model

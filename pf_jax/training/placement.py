@@ -139,16 +139,19 @@ class MeshPlacement:
 
         return jax.tree_util.tree_map(build, local, shapes, shardings), shardings
 
-    def step(self, state: TrainState, local_batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+    def step(self, state: TrainState, local_batch: Any, frozen: Any = None) -> tuple[TrainState, dict[str, jax.Array]]:
+        """One update of the placed state on this process's rows; `frozen`: placed frozen parameters."""
         if self._step_fn is None or self.state_shardings is None:
             raise RuntimeError("MeshPlacement.step needs place_state(...) and shard_step(...) first")
         batch, shardings = self.global_batch(local_batch)
         key = (jax.tree_util.tree_structure(batch), tuple(s.spec for s in jax.tree_util.tree_leaves(shardings)))
         compiled = self._compiled.get(key)
         if compiled is None:
-            compiled = shard_train_step(self._step_fn, self.state_shardings, shardings, rules=self.rules)
+            frozen_shardings = None if frozen is None else jax.tree_util.tree_map(lambda x: x.sharding, frozen)
+            compiled = shard_train_step(self._step_fn, self.state_shardings, shardings, rules=self.rules,
+                                        frozen_shardings=frozen_shardings)
             self._compiled[key] = compiled
-        return compiled(state, batch)
+        return compiled(state, batch) if frozen is None else compiled(state, batch, frozen)
 
     # -- sampling, evaluation, export ---------------------------------------------------------------
     def sampler_params(self, params: Any, *, cast: bool = False) -> Any:

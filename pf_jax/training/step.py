@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx, struct
 
+from pf_jax.models.lora import training_dropout
+
 Params = dict[str, nnx.State]
 LossFn = Callable[[dict[str, nnx.Module], Any], tuple[jax.Array, dict[str, jax.Array]]]
 
@@ -55,40 +57,49 @@ def make_train_step(
     *,
     microbatches: int = 1,
     compute_dtype: jnp.dtype | None = None,
-) -> Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]:
-    """Build `step(state, batch) -> (state, metrics)` (not yet jitted: the caller picks shardings).
+    dropout: bool = False,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """Build `step(state, batch, frozen=None) -> (state, metrics)` (not yet jitted: the caller picks
+    shardings).
 
+    frozen: per module, parameters merged in but neither differentiated nor updated (LoRA's frozen base:
+        the state then holds only the adapters, and the step's inputs no base gradient or moments).
     microbatches: the batch is cut into this many slices whose gradients are averaged before one
         optimizer update (gradient accumulation: same result as the full batch for mean losses).
     compute_dtype: when set (e.g. bfloat16), parameters are cast to it for the forward/backward pass
         while the optimizer keeps and updates the float32 master copy held in the state.
+    dropout: the modules' dropout (LoRA's) is on, keyed by fold_in(state.rng, state.step) per update.
     """
 
-    def loss_of(params: Params, mb: Any):
+    def loss_of(params: Params, mb: Any, frozen: Params, key: jax.Array | None):
         if compute_dtype is not None:
             params = jax.tree_util.tree_map(
                 lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
             )
-        modules = {k: nnx.merge(graphdefs[k], params[k]) for k in graphdefs}
-        return loss_fn(modules, mb)
+        modules = {k: nnx.merge(graphdefs[k], params[k], *([frozen[k]] if k in frozen else [])) for k in graphdefs}
+        with training_dropout(key):
+            return loss_fn(modules, mb)
 
     grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
-    def step(state: TrainState, batch: Any):
+    def step(state: TrainState, batch: Any, frozen: Params | None = None):
+        frozen = frozen or {}
+        key = jax.random.fold_in(state.rng, state.step) if dropout else None
         if microbatches == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch)
+            (loss, metrics), grads = grad_fn(state.params, batch, frozen, key)
         else:
             mbs = split_microbatches(batch, microbatches)
 
-            def accumulate(carry, mb):
-                (loss_mb, m), g = grad_fn(state.params, mb)
+            def accumulate(carry, xs):
+                mb, i = xs
+                (loss_mb, m), g = grad_fn(state.params, mb, frozen, None if key is None else jax.random.fold_in(key, i))
                 return jax.tree_util.tree_map(jnp.add, carry, (loss_mb, m, g)), None
 
             first = jax.tree_util.tree_map(lambda x: x[0], mbs)
-            shapes = jax.eval_shape(grad_fn, state.params, first)
+            shapes = jax.eval_shape(grad_fn, state.params, first, frozen, key)
             (l0, m0), g0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
             zero = (l0, m0, g0)
-            (loss, metrics, grads), _ = jax.lax.scan(accumulate, zero, mbs)
+            (loss, metrics, grads), _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(microbatches)))
             loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / microbatches, (loss, metrics, grads))
 
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)

@@ -28,15 +28,23 @@ from pf_jax.config.loading import config_to_yaml
 from pf_jax.config.recipe import TrainConfig
 from pf_jax.evaluation.scoring import MethodResult
 from pf_jax.methods.batches import response_token_count
-from pf_jax.methods.compose import compose, recipe_reward, response_source
+from pf_jax.methods.compose import compose, qlora_on_a_mesh, recipe_reward, response_source
 from pf_jax.methods.prompts import prompt_source, training_rows
 from pf_jax.methods.protocols import Models
 from pf_jax.methods.scoring import Scorer
-from pf_jax.training.checkpoint import Checkpointer, StopSignal, restore_data_position
+from pf_jax.models.lora import merged_model
+from pf_jax.models.peft_io import save_peft_adapter
+from pf_jax.training.checkpoint import (
+    Checkpointer,
+    StopSignal,
+    base_record,
+    check_base,
+    restore_data_position,
+)
 from pf_jax.training.evaluators import evaluator_for
 from pf_jax.training.guards import SkipGuard, check_prompts_fit
 from pf_jax.training.metrics import MetricsLogger
-from pf_jax.training.model_source import load_policy
+from pf_jax.training.model_source import base_model_name, load_policy
 from pf_jax.training.placement import MeshPlacement
 from pf_jax.training.step import TrainState
 from pf_jax.training.update import build_update
@@ -68,12 +76,15 @@ class Trainer:
                                      process_count=process_count)
         update = build_update(cfg, composition, policy)
         self.graphdefs, self.tx, self.updates_per_step = update.graphdefs, update.tx, update.updates_per_step
-        params = update.params
-        self.reference = jax.tree_util.tree_map(jnp.copy, params["policy"]) if composition.reference else None
+        params, self.frozen, self.base_graphdef = update.params, update.frozen, update.base_graphdef
+        self.reference = None
+        if composition.reference:  # LoRA: the frozen base itself; else a copy of the initial policy
+            self.reference = self.frozen["policy"] if self.lora else jax.tree_util.tree_map(jnp.copy, params["policy"])
         self.state = TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=self.tx.init(params),
                                 rng=jax.random.key(cfg.seed))
         self.train_step = jax.jit(update.step_fn, donate_argnums=0)
         self._place(update)
+        self.base_record = base_record(cfg.model.name, self.frozen["policy"]) if self.lora else None
         self.reward = recipe_reward(cfg)
         self.scorer = Scorer(self.graphdefs["policy"], cfg.model.logprob_chunk)
         self.responses = response_source(cfg, composition, self.codec, self.scorer, self.reward)
@@ -84,9 +95,12 @@ class Trainer:
         self.placement = MeshPlacement.from_config(self.cfg.mesh, sampler_dtype=update.compute_dtype)
         if self.placement is None:
             return
+        if self.cfg.model.lora is not None and self.cfg.model.lora.quantize is not None:
+            raise qlora_on_a_mesh(self.cfg.model.lora.quantize)
         self.state = self.placement.place_state(self.state)
+        self.frozen = {k: self.placement.place_params(v) for k, v in self.frozen.items()}
         if self.reference is not None:
-            self.reference = self.placement.place_params(self.reference)
+            self.reference = self.frozen["policy"] if self.lora else self.placement.place_params(self.reference)
         self.train_step = self.placement.shard_step(update.step_fn)
 
     # -- one step --------------------------------------------------------------------------------------
@@ -99,10 +113,30 @@ class Trainer:
         themselves on one device)."""
         return params if self.placement is None else self.placement.sampler_params(params, cast=cast)
 
+    @property
+    def lora(self) -> bool:
+        """The policy trains LoRA adapters over a frozen base (model.lora)."""
+        return "policy" in self.frozen
+
+    def policy_params(self) -> nnx.State:
+        """The policy's whole state: with LoRA its adapters and its frozen base together."""
+        adapters = self.state.params["policy"]
+        return nnx.merge_state(adapters, self.frozen["policy"]) if self.lora else adapters
+
+    def models(self) -> Models:
+        """The current modules as the sampler and the scorers use them (see methods.protocols.Models); with
+        LoRA and model.lora.sampler=merge, rollouts decode the adapters folded into the weights."""
+        params = {k: self.sampler_view(p) for k, p in self.state.params.items() if k != "policy"}
+        params["policy"] = self.sampler_view(self.policy_params(), cast=True)
+        sampler = None
+        if self.lora and self.cfg.model.lora.sampler == "merge":
+            sampler = nnx.split(merged_model(nnx.merge(self.graphdefs["policy"], params["policy"])))
+        return Models(self.graphdefs, params, self.sampler_view(self.reference, cast=True), self.base_graphdef,
+                      sampler)
+
     def make_batch(self, rows: list[Any], step: int) -> tuple[Any, dict[str, float]]:
         """The objective's batch from this step's prompt rows, and the host metrics of making it."""
-        params = {k: self.sampler_view(p, cast=k == "policy") for k, p in self.state.params.items()}
-        models = Models(self.graphdefs, params, self.sampler_view(self.reference, cast=True))
+        models = self.models()
         key = self.step_key(step)
         if self.composition.samples and self.composition.kind != "env" and self.process_count > 1:
             key = jax.random.fold_in(key, self.process_index)  # each process samples its own prompts
@@ -123,7 +157,7 @@ class Trainer:
             order = rng.permutation(n) if minibatches > 1 else np.arange(n)
             for part in np.split(order, minibatches):
                 mb = jax.tree_util.tree_map(lambda x, idx=part: x[idx], batch) if minibatches > 1 else batch
-                self.state, metrics = self.train_step(self.state, mb)
+                self.state, metrics = self.train_step(self.state, mb, self.frozen)
                 for k, v in metrics.items():
                     collected.setdefault(k, []).append(float(v))
         out = {k: float(np.mean(v)) for k, v in collected.items()}
@@ -165,24 +199,31 @@ class Trainer:
 
     # -- evaluation and export -------------------------------------------------------------------------
     def modules(self) -> dict[str, nnx.Module]:
-        """The trained modules: the policy in the sampler layout (its matrices not cast), the heads as they
-        train."""
-        view = lambda k, p: self.sampler_view(p) if k == "policy" else p
-        return {k: nnx.merge(self.graphdefs[k], view(k, p)) for k, p in self.state.params.items()}
+        """The trained modules: the policy in the sampler layout (its matrices not cast; with LoRA, its
+        adapters over the base), the heads as they train."""
+        modules = {k: nnx.merge(self.graphdefs[k], p) for k, p in self.state.params.items() if k != "policy"}
+        return {"policy": nnx.merge(self.graphdefs["policy"], self.sampler_view(self.policy_params())), **modules}
 
     def evaluate(self, name: str, *, key: jax.Array) -> MethodResult | None:
         if self.evaluator is None:
             return None
-        model = nnx.merge(self.graphdefs["policy"], self.sampler_view(self.state.params["policy"], cast=True))
-        return self.evaluator(name, model, key=key)
+        return self.evaluator(name, self.models().sampler_model(), key=key)
 
     def export(self, modules: dict[str, nnx.Module] | None = None) -> Path:
-        """What the run delivers (the objective's deliver: the policy as HF safetensors + tokenizer, or the
-        classifier), written by process 0 into run_dir/export."""
+        """What the run delivers, written by process 0 into run_dir/export: the objective's deliverable (the
+        policy as HF safetensors + tokenizer, or the classifier); with LoRA the PEFT adapter in
+        export/adapter and, with export.merge, the deliverable with the adapters merged."""
         directory = self.run_dir / "export"
         modules = self.modules() if modules is None else modules  # every process: the transfer is collective
-        if self.process_index == 0:
-            self.objective.deliver(modules, self.codec, directory)
+        if self.process_index != 0:
+            return directory
+        policy = modules["policy"]
+        if policy.lora is not None:
+            save_peft_adapter(policy, directory / "adapter", base_model_name_or_path=base_model_name(self.cfg.model, self.cfg.logging.runs_dir))
+            if not self.cfg.export.merge:
+                return directory
+            modules = {**modules, "policy": merged_model(policy)}
+        self.objective.deliver(modules, self.codec, directory)
         return directory
 
     # -- the run ---------------------------------------------------------------------------------------
@@ -211,7 +252,11 @@ class Trainer:
             return 0
         target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                                         self.state)
-        restored = checkpointer.restore_latest(target, accept=lambda meta: restore_data_position(self.prompts, meta))
+        def accept(meta: dict[str, Any]) -> None:
+            check_base(meta, self.base_record)
+            restore_data_position(self.prompts, meta)
+
+        restored = checkpointer.restore_latest(target, accept=accept)
         if restored is None:
             return 0
         self.state = restored.state
@@ -242,7 +287,7 @@ class Trainer:
                 metrics = self.train_one_step(step)
                 logger.log(step + 1, metrics)
                 done, last = step + 1, step + 1 == steps
-                meta = {"data": self.prompts.state.to_json()}
+                meta = {"data": self.prompts.state.to_json(), **({"base": self.base_record} if self.lora else {})}
                 finished = (done, self.state, meta)
                 checkpointer.save(done, self.state, meta, force=last or stop.requested)
                 guard.observe(done, metrics)

@@ -19,6 +19,7 @@ from flax import nnx
 
 from pf_jax.config.recipe import TrainConfig
 from pf_jax.methods.compose import Composition
+from pf_jax.models.lora import LoraParam, graphdef_without_adapters
 from pf_jax.training.optimizer import build_optimizer
 from pf_jax.training.step import LossFn, TrainState, make_train_step
 
@@ -28,15 +29,19 @@ StepFn = Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]
 @dataclass(frozen=True)
 class RecipeUpdate:
     """What one optimizer update needs: graph definitions and parameters of every trained module, the loss,
-    the optax transformation, the step function and the compute dtype it casts to (None: none)."""
+    the optax transformation, the step function and the compute dtype it casts to (None: none). With LoRA
+    the policy's trained parameters are its adapters and its base is frozen; base_graphdef is the policy
+    without adapters (the reference / base model the base parameters make on their own)."""
 
     graphdefs: dict[str, nnx.GraphDef]
     params: dict[str, nnx.State]
+    frozen: dict[str, nnx.State]  # per module, parameters merged in but not trained (LoRA's base)
     loss_fn: LossFn
     tx: optax.GradientTransformation
     step_fn: StepFn
     compute_dtype: Any
     updates_per_step: int
+    base_graphdef: nnx.GraphDef | None = None
 
 
 def compute_dtype(cfg: TrainConfig) -> Any:
@@ -59,6 +64,10 @@ def build_update(cfg: TrainConfig, composition: Composition, policy: nnx.Module)
     split = {k: nnx.split(m, nnx.Param) for k, m in modules.items()}
     graphdefs = {k: g for k, (g, _) in split.items()}
     params = {k: p for k, (_, p) in split.items()}
+    frozen, base_graphdef = {}, None
+    if policy.lora is not None:  # only the adapters train; the base is frozen and is the reference
+        graphdefs["policy"], params["policy"], frozen["policy"] = nnx.split(policy, LoraParam, nnx.Param)
+        base_graphdef = graphdef_without_adapters(policy)
     loss_fn = objective.loss
     frozen_policy = not composition.trains_policy
     per_step = updates_per_step(cfg, composition.samples)
@@ -66,6 +75,7 @@ def build_update(cfg: TrainConfig, composition: Composition, policy: nnx.Module)
     tx = build_optimizer(cfg.optimizer, cfg.steps * per_step, param_labels=labels,
                          frozen_groups=frozenset({"policy"}) if frozen_policy else frozenset())
     dtype = compute_dtype(cfg)
+    dropout = policy.lora is not None and policy.lora.dropout > 0
     step_fn = make_train_step(graphdefs, loss_fn, tx, microbatches=cfg.optimizer.grad_accum_steps,
-                              compute_dtype=dtype)
-    return RecipeUpdate(graphdefs, params, loss_fn, tx, step_fn, dtype, per_step)
+                              compute_dtype=dtype, dropout=dropout)
+    return RecipeUpdate(graphdefs, params, frozen, loss_fn, tx, step_fn, dtype, per_step, base_graphdef)
