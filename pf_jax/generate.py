@@ -47,6 +47,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                       help="wrap each prompt in the tokenizer's chat template (default: when it has one)")
     chat.add_argument("--no-chat", dest="chat", action="store_false", help="plain tokenization")
     parser.add_argument("--json", action="store_true", help="machine-readable output on stdout")
+    parser.add_argument("--adapter", default=None,
+                        help="a PEFT LoRA adapter directory (e.g. a run's export/adapter) to sample with, merged "
+                             "into the --model base")
     return parser.parse_args(argv)
 
 
@@ -72,6 +75,15 @@ def load_for_generation(spec: str, chat: bool | None) -> tuple[Any, Encode, Deco
     model, tokenizer = load_model(spec, scan_layers=False)  # unrolled layers: the fast CPU decode
     return (model, lambda text: encode_prompt(tokenizer, text, chat_template=chat),
             lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True))
+
+
+def with_adapter(model: Any, directory: str) -> Any:
+    """The base `model` with a PEFT adapter's weights merged in (W + (alpha / r) A B: the base model's fast
+    decode, the adapter's distribution)."""
+    from pf_jax.models.lora import merged_model
+    from pf_jax.models.peft_io import load_peft_adapter
+
+    return merged_model(load_peft_adapter(model, directory))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
         task = progress.add_task(f"loading {args.model}", total=None)
         start = time.perf_counter()
         model, encode, decode = load_for_generation(args.model, args.chat)
+        if args.adapter is not None:
+            model = with_adapter(model, args.adapter)
         prompt_ids = [encode(p) for p in args.prompt]
         timings["load_s"] = time.perf_counter() - start
         total = len(prompt_ids) * args.num_samples

@@ -6,6 +6,7 @@ PEFT adapter it exports continues a run, and QLoRA learns like LoRA."""
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -152,3 +153,46 @@ def test_only_lora_params_are_trained_in_the_graph(tmp_path):
     assert any(isinstance(v, LoraParam) for _, v in nnx.iter_graph(model))
     plain = nnx.merge(trainer.base_graphdef, trainer.frozen["policy"])
     assert plain.lora is None
+
+
+def test_generate_samples_with_a_peft_adapter(tmp_path, capsys):
+    """python -m pf_jax.generate --model BASE --adapter DIR decodes the adapters' model: greedy tokens and
+    log-probs of the base with the adapter, not of the base alone."""
+    import json
+
+    from pf_jax.data.codec import CharCodec
+    from pf_jax.generate import main
+    from pf_jax.models.config import ModelConfig
+    from pf_jax.models.decoder import Decoder
+    from pf_jax.models.hf_io import export_hf_directory, load_hf_directory
+    from pf_jax.models.lora import LoraSpec, add_adapters
+    from pf_jax.models.peft_io import save_peft_adapter
+
+    codec = CharCodec()
+    cfg = ModelConfig.tiny("qwen2", vocab_size=codec.vocab_size, hidden_size=32, intermediate_size=64, num_layers=2,
+                           num_heads=2, num_kv_heads=1, head_dim=16, bos_token_id=codec.bos_id,
+                           eos_token_ids=codec.eos_ids, pad_token_id=codec.pad_id)
+    export_hf_directory(Decoder(cfg, rngs=nnx.Rngs(0)), tmp_path / "base")
+    codec.save(tmp_path / "base")
+    adapted = load_hf_directory(tmp_path / "base")
+    add_adapters(adapted, LoraSpec(rank=4, alpha=8), rngs=nnx.Rngs(1))
+    rng = np.random.default_rng(2)
+    for _, var in nnx.iter_graph(adapted):
+        if isinstance(var, LoraParam):
+            var.set_value(var[...] + rng.normal(size=var.shape).astype(np.float32))
+    save_peft_adapter(adapted, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base"))
+
+    def greedy(*extra):
+        assert main(["--model", str(tmp_path / "base"), *extra, "--prompt", "12+3=", "--temperature", "0",
+                     "--max-new-tokens", "6", "--json"]) == 0
+        sample = json.loads(capsys.readouterr().out)["samples"][0]
+        return sample["tokens"], sample["policy_logprobs"]
+
+    tokens, logp = greedy("--adapter", str(tmp_path / "adapter"))
+    prompt = codec.encode_prompt("12+3=")
+    seq = np.asarray([prompt + tokens])
+    hidden, _ = adapted(jnp.asarray(seq), jnp.arange(seq.shape[1])[None])
+    want = jax.nn.log_softmax(adapted.logits(hidden)[0, len(prompt) - 1 : -1], -1)
+    np.testing.assert_allclose(logp, np.asarray(want)[np.arange(len(tokens)), tokens], atol=2e-5)
+    assert np.all(np.asarray(want).argmax(-1) == tokens)  # greedy under the adapted model
+    assert greedy() != (tokens, logp)
