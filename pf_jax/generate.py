@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from pf_jax.config.errors import ConfigError, exit_code_of
+from pf_jax.phases import show_phases
 
 Encode = Callable[[str], list[int]]
 Decode = Callable[[Sequence[int]], str]
@@ -67,9 +68,12 @@ def load_for_generation(spec: str, chat: bool | None) -> tuple[Any, Encode, Deco
         codec = load_codec(spec, eos_ids=model.cfg.eos_token_ids)
         return model, codec.encode_prompt, codec.decode_response
     from pf_jax.models.registry import load_model
-    from pf_jax.sampling.chat import encode_prompt
+    from pf_jax.sampling.chat import encode_prompt, has_chat_template
 
     model, tokenizer = load_model(spec, scan_layers=False)  # unrolled layers: the fast CPU decode
+    if chat and not has_chat_template(tokenizer):
+        raise ConfigError(f"--chat: the tokenizer of {spec} has no chat template; leave out --chat (or pass "
+                          "--no-chat) for plain prompts")
     return (model, lambda text: encode_prompt(tokenizer, text, chat_template=chat),
             lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True))
 
@@ -94,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
+    show_phases()  # loading weights, dequantising, building kernels: one line each on stderr
     console = Console(stderr=True)
     timings: dict[str, float] = {}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,

@@ -13,6 +13,7 @@ from pf_jax.data.codec import TextCodec
 from pf_jax.methods.env_rollouts import EnvRollouts
 from pf_jax.methods.prompts import SAMPLED
 from pf_jax.methods.protocols import Needs, Objective, ResponseSource
+from pf_jax.methods.recipe_checks import check_keys_apply
 from pf_jax.methods.registry import METHODS, Method, get_method, keeps_reference, single_sample_problem
 from pf_jax.methods.responses import (
     DatasetCompletions,
@@ -62,6 +63,7 @@ def check_recipe(cfg: TrainConfig) -> Method:
                           f"{m.responses!r} responses, which cannot be switched (method.responses applies to "
                           f"{', '.join(n for n, x in METHODS.items() if x.responses in COMPLETION_KINDS)})")
     _check_groups(cfg, m)
+    check_keys_apply(cfg, m)  # keys of another method, before any weights load (methods/recipe_checks.py)
     return m
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pf_jax.config import ConfigError
@@ -22,10 +23,12 @@ from pf_jax.tasks.instructions.rows import curriculum_batches, instruction_sourc
 from pf_jax.tasks.sources import load_kto_rows, load_preference_rows, load_prompt_rows
 
 SAMPLED = frozenset({"policy", "reference", "sample_pairs", "env"})
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 
 def training_rows(cfg: TrainConfig, kind: str, codec: TextCodec) -> list[dict[str, Any]]:
     """The validated rows a response source of `kind` reads (see pf_jax.methods.registry.ResponseKind)."""
+    _PHASE.info("reading the training rows (%s)", cfg.env.name if kind == "env" else cfg.data.source)
     if kind == "env":
         return task_pool_rows(cfg.env)
     if kind == "labelled":

@@ -7,6 +7,7 @@ directory that has one is loaded only if its weights match it. Every tensor load
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +31,8 @@ from pf_jax.models.errors import (
     WeightsFileError,
 )
 from pf_jax.models.weight_digests import verify_weight_digests, write_weight_digests
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -263,6 +266,7 @@ def load_hf_directory(path_or_hub_name: str | os.PathLike, *, dtype=jnp.float32,
         pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
         hint = f" (found {pickles}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
         raise WeightsFileError(f"weights file not found: {directory / SINGLE_FILE} or {index_path}{hint}")
+    _PHASE.info("loading weights from %s", directory)
     verify_weight_digests(directory, files)
     return model_from_hf_tensors(hf_config, SafetensorsTensors(files), dtype=dtype, param_dtype=param_dtype,
                                  scan_layers=scan_layers, config_source=str(config_path))

@@ -11,6 +11,7 @@ An evaluator is called with a model and a key and takes no trainer: what it read
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -30,6 +31,8 @@ from pf_jax.tasks.instructions.evaluation import evaluate_instruction_reward
 from pf_jax.tasks.instructions.rows import instruction_source_kind
 from pf_jax.tasks.rewards import heldout_checker
 from pf_jax.tasks.sources import load_prompt_rows
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 
 class Evaluator(Protocol):
@@ -51,6 +54,7 @@ class HeldOutAccuracy:
 
     def __call__(self, name: str, model: Decoder, *, key: jax.Array) -> MethodResult:
         e, problems = self.cfg.eval, self.problems()
+        _PHASE.info("evaluating %s: %d held-out problems x %d samples", name, len(problems), e.samples)
         gen = generation_config(self.cfg.rollout, self.codec, temperature=e.temperature)
         texts, index = sample_texts(model, self.codec, [p.prompt for p in problems], e.samples, key, gen, chunk=64)
         per_problem = [[t for t, i in zip(texts, index) if i == j] for j in range(len(problems))]

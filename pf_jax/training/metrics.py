@@ -8,6 +8,7 @@ appended one whole line per write and cut back to its last complete line on a re
 """
 
 import json
+import logging
 import math
 import re
 import time
@@ -120,6 +121,7 @@ class MetricsLogger:
             )
             self._task = self._progress.add_task(self.run_dir.name, total=total_steps, completed=resume_step)
             self._progress.start()
+            self._phases = _PhasesInBar(self._progress, self._task, self.run_dir.name)
 
     @classmethod
     def from_config(
@@ -143,6 +145,7 @@ class MetricsLogger:
         if not self.active:
             return False
         if self._progress is not None:
+            self._phases.detach()  # the bar now shows steps
             self._progress.update(self._task, completed=step)
         if not self.should_log(step):
             return False
@@ -179,6 +182,7 @@ class MetricsLogger:
             return {}
         self._closed = True
         if self._progress is not None:
+            self._phases.detach()
             self._progress.stop()
         self._jsonl.close()
         if self._tb is not None:
@@ -202,6 +206,26 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _PhasesInBar(logging.Handler):
+    """Until the first step is logged, the progress bar's description is the current startup phase
+    (pf_jax.phases: compiling the train step, the first rollout, ...) rather than a bar stuck at 0."""
+
+    def __init__(self, progress: Progress, task: Any, name: str) -> None:
+        super().__init__(logging.INFO)
+        self.progress, self.task, self.name = progress, task, name
+        self.logger = logging.getLogger("pf_jax.phase")
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress.update(self.task, description=f"{self.name}: {record.getMessage()}")
+
+    def detach(self) -> None:
+        if self in self.logger.handlers:
+            self.logger.removeHandler(self)
+            self.progress.update(self.task, description=self.name)
 
 
 def plot_curves(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +41,8 @@ from pf_jax.training.model_source import load_policy
 from pf_jax.training.placement import MeshPlacement
 from pf_jax.training.step import TrainState
 from pf_jax.training.update import build_update
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 
 @dataclass
@@ -152,11 +155,17 @@ class Trainer:
     def train_one_step(self, step: int) -> dict[str, float]:
         """Make the step's batch, update on it; the step's metrics (timings and tokens/s included)."""
         t0 = time.perf_counter()
+        announce, self._stepped = not getattr(self, "_stepped", False), True  # the first step this process runs
+        if announce:
+            _PHASE.info("step %d: first batch%s", step + 1,
+                        " (the first rollout compiles the sampler)" if self.composition.samples else "")
         rows = self.prompts.next_batch()
         batch, info = self.make_batch(rows, step)
         if step == 0:
             info.update(self.initialize_heads(batch, len(rows)))
         t1 = time.perf_counter()
+        if announce:
+            _PHASE.info("step %d: compiling and running the train step", step + 1)
         metrics = self.update(batch, step)
         t2 = time.perf_counter()
         metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1,
