@@ -96,7 +96,9 @@ def response_source(cfg: TrainConfig, composition: Composition, codec: TextCodec
     recipe's text reward (recipe_reward), for the sampled kinds."""
     needs, kind = composition.objective.needs, composition.kind
     if kind in ("dataset", "kto"):
-        return DatasetCompletions(codec, scorer, needs, field="answer" if kind == "dataset" else "completion")
+        packed = cfg.data.packed_length if cfg.data.packing else None  # data.packing: SFT only (recipe_checks)
+        return DatasetCompletions(codec, scorer, needs, "answer" if kind == "dataset" else "completion",
+                                  cfg.data.assistant_only_loss, packed)
     if kind == "pairs":
         return DatasetPairs(codec, scorer, needs)
     if kind == "labelled":

@@ -15,6 +15,7 @@ from typing import Any
 from pf_jax.config import ConfigError
 from pf_jax.config.recipe import TrainConfig
 from pf_jax.data.codec import TextCodec
+from pf_jax.data.examples import encode_example, sft_example
 from pf_jax.data.iterator import BatchIterator
 from pf_jax.methods.env_rollouts import task_pool_rows
 from pf_jax.methods.protocols import PromptSource
@@ -38,10 +39,15 @@ def training_rows(cfg: TrainConfig, kind: str, codec: TextCodec) -> list[dict[st
             raise ConfigError(f"data.source '{cfg.data.source}' gives instruction prompts without responses; method "
                               f"{cfg.method.name!r} trains on dataset responses (use a sampling method, e.g. grpo)")
         return load_instruction_rows(cfg.data, cfg.curriculum.synthetic_instructions)
+    count = lambda prompt: len(codec.encode_prompt(prompt))
     if kind == "kto":
-        return load_kto_rows(cfg.data)
-    count = lambda text: len(codec.encode_prompt(text))
-    rows = load_preference_rows(cfg.data, count) if kind == "pairs" else load_prompt_rows(cfg.data, count)
+        rows = load_kto_rows(cfg.data, count, render=lambda row: sft_example(codec, row, "completion"))
+    elif kind == "pairs":
+        rows = load_preference_rows(cfg.data, count, render=lambda row: [
+            encode_example(codec, row["prompt"], row[side]) for side in ("chosen", "rejected")])
+    else:
+        render = (lambda row: sft_example(codec, row, "answer")) if kind == "dataset" else None
+        rows = load_prompt_rows(cfg.data, count, targets_in_messages=kind == "dataset", render=render)
     if rows.report.skipped:
         print(f"[pf_jax] data: {rows.report.summary()}")
     return list(rows.rows)

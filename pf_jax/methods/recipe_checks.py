@@ -58,6 +58,9 @@ RULES = (
     KeyRule("method.overlong_max_tokens", _pg_method, "the policy-gradient methods"),
     KeyRule("method.overlong_cache_tokens", _pg_method, "the policy-gradient methods"),
     KeyRule("env", lambda m, c: m.responses == "env", "the agentic methods"),
+    KeyRule("data.packing", lambda m, c: (c.method.responses or m.responses) == "dataset", "SFT on dataset responses"),
+    KeyRule("data.packed_length", lambda m, c: (c.method.responses or m.responses) == "dataset",
+            "SFT on dataset responses"),
     KeyRule("reward_model", lambda m, c: m.responses == "labelled", "the classifier method"),
 )
 
