@@ -239,6 +239,12 @@ class EvalSection(Section):
     source: str | None = None
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
 
+    @model_validator(mode="after")
+    def _one_held_out_set(self) -> EvalSection:
+        if self.source is not None and self.fraction is not None:
+            raise ValueError("eval.source and eval.fraction name two held-out sets; set one of them")
+        return self
+
 
 class TrainingSection(Section):
     """How the step loop guards a run: after `max_consecutive_skips` steps in a row whose every update was

@@ -16,6 +16,7 @@ from pf_jax.config import ConfigError
 from pf_jax.config.recipe import TrainConfig
 from pf_jax.data.codec import TextCodec
 from pf_jax.data.examples import encode_example, sft_example
+from pf_jax.data.holdout import split_held_out
 from pf_jax.data.iterator import BatchIterator
 from pf_jax.methods.env_rollouts import task_pool_rows
 from pf_jax.methods.protocols import PromptSource
@@ -50,7 +51,19 @@ def training_rows(cfg: TrainConfig, kind: str, codec: TextCodec) -> list[dict[st
         rows = load_prompt_rows(cfg.data, count, targets_in_messages=kind == "dataset", render=render)
     if rows.report.skipped:
         print(f"[pf_jax] data: {rows.report.summary()}")
-    return list(rows.rows)
+    return without_held_out(cfg, list(rows.rows))
+
+
+def without_held_out(cfg: TrainConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows left to train on once eval.fraction's hash-chosen share is held out for evaluation."""
+    if cfg.eval.fraction is None:
+        return rows
+    train, test = split_held_out(rows, cfg.eval.fraction)
+    if not train or not test:
+        raise ConfigError(f"eval.fraction={cfg.eval.fraction} of the {len(rows)} rows of {cfg.data.source} leaves "
+                          f"{len(train)} to train on and {len(test)} to evaluate; both need at least one row")
+    print(f"[pf_jax] data: {len(test)} of {len(rows)} rows held out for evaluation (eval.fraction={cfg.eval.fraction})")
+    return train
 
 
 def rows_per_step(cfg: TrainConfig, kind: str) -> int:
