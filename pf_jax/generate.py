@@ -42,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token ids")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop string, matched on the decoded text across tokens (repeat for several; \\n = newline)")
     parser.add_argument("--seed", type=int, default=0)
     chat = parser.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
@@ -88,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pf_jax.sampling import GenerationConfig, SamplingParams, generate
+    from pf_jax.sampling.stops import cut_at_stops, unescape
 
     try:  # bad sampling settings fail before the (slow) model load, naming the setting
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
@@ -95,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                                   sampling=sampling, stop_token_ids=tuple(args.stop_token_id))
         if args.num_samples < 1:
             raise ValueError(f"-n (samples per prompt) must be >= 1, got {args.num_samples}")
+        if any(not s for s in args.stop):
+            raise ValueError("--stop needs a non-empty text")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
@@ -114,6 +119,9 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         result = generate(model, prompt_ids, jax.random.key(args.seed), config, n=args.num_samples)
         jax.block_until_ready(result.tokens)
+        texts = [decode(t) for t in result.response_token_lists()]
+        if args.stop:  # cut each response after the token that completes its first stop string
+            result, texts = cut_at_stops(result, decode, [unescape(s) for s in args.stop], config.resolved(model).pad_token_id)
         timings["generate_s"] = time.perf_counter() - start
         progress.update(task, description="done")
 
@@ -127,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
             "prompt": args.prompt[prompt],
             "prompt_tokens": prompt_ids[prompt],
             "sample": row % args.num_samples,
-            "text": decode(tokens),
+            "text": texts[row],
             "tokens": tokens,
             "finish_reason": result.finish_reasons[row],
             "num_tokens": len(tokens),

@@ -68,13 +68,13 @@ def test_a_conversation_as_a_prompt_opens_the_assistant_turn(template):
 
 def test_a_conversation_the_template_refuses_names_the_reason():
     codec = HFCodec(gemma_tokenizer())  # Gemma's template wants user / assistant turns in turn
-    with pytest.raises(ChatTemplateError, match="cannot render this conversation.*alternate"):
+    with pytest.raises(ChatTemplateError, match=r"cannot render this conversation.*alternate"):
         codec.encode_conversation([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}],
                                   [{"role": "assistant", "content": "c"}])
 
 
 def test_tokenizers_without_a_template_say_what_to_set():
-    with pytest.raises(ChatTemplateError, match="char tokenizer has none|CharTokenizer tokenizer has none"):
+    with pytest.raises(ChatTemplateError, match=r"CharTokenizer tokenizer has none"):
         CharCodec().encode_conversation(CHAT[:2], CHAT[2:])
     with pytest.raises(ChatTemplateError, match="neither a shipped template"):
         named_chat_template("llama9")
@@ -164,7 +164,7 @@ def test_a_conversation_without_a_target_is_a_bad_row_found_when_the_data_loads(
     from pf_jax.data.rows import BadRowError
 
     rows = [{"messages": CHAT}, {"messages": [{"role": "user", "content": "no answer"}]}]
-    with pytest.raises(BadRowError, match="bad row 1 .*no assistant message"):
+    with pytest.raises(BadRowError, match=r"bad row 1 .*no assistant message"):
         _trainer(tmp_path, qwen_model, "sft", _rows(tmp_path / "bad.jsonl", rows), "data.on_bad_row=stop", "batch_size=1")
 
 

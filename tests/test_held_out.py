@@ -77,5 +77,5 @@ def test_a_fraction_that_leaves_nothing_to_train_on_is_named(tmp_path):
     from pf_jax.config import ConfigError
 
     cfg = _cfg(f"data.source={_file(tmp_path, ROWS[:1])}", "eval.fraction=0.5")
-    with pytest.raises(ConfigError, match="eval.fraction=0.5 of the 1 rows"):
+    with pytest.raises(ConfigError, match=r"eval\.fraction=0\.5 of the 1 rows"):
         training_rows(cfg, "policy", tiny_codec("char"))

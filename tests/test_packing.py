@@ -64,7 +64,7 @@ def test_rows_are_filled_first_fit_and_an_example_too_long_is_named():
     rows = assign_rows([5, 3, 8, 2, 6], length=10)
     assert sorted(i for row in rows for i in row) == [0, 1, 2, 3, 4]
     assert all(sum([5, 3, 8, 2, 6][i] for i in row) <= 10 for row in rows) and len(rows) == 3
-    with pytest.raises(ConfigError, match="an example of 11 tokens is longer than data.packed_length=10"):
+    with pytest.raises(ConfigError, match=r"an example of 11 tokens is longer than data\.packed_length=10"):
         assign_rows([11], length=10)
 
 
