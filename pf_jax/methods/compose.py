@@ -124,7 +124,8 @@ def recipe_reward(cfg: TrainConfig) -> RewardFn | None:
     if cfg.reward.name is None:
         return None
     try:
-        return build_reward(cfg.reward.name, cfg.reward.scale, soft_scorer=cfg.reward.soft_scorer)
+        return build_reward(cfg.reward.name, cfg.reward.scale, soft_scorer=cfg.reward.soft_scorer,
+                            on_error=cfg.reward.on_error)
     except ValueError as error:
         raise ConfigError(f"reward.name: {error}") from error
 

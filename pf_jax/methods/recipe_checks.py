@@ -22,6 +22,7 @@ from pf_jax.config.recipe import MethodSection, TrainConfig
 from pf_jax.methods.bound import Bound
 from pf_jax.methods.policy_gradient import Estimator
 from pf_jax.methods.registry import METHODS, Method, is_gflownet, is_policy_gradient
+from pf_jax.tasks.rewards import check_reward_name
 
 
 def _gflownet_method(m: Method, cfg: TrainConfig) -> bool:
@@ -67,6 +68,12 @@ RULES = (
 
 def check_keys_apply(cfg: TrainConfig, m: Method) -> None:
     """A ConfigError listing every key of the recipe that does not apply to method `m` (see the module)."""
+    try:  # the reward exists (a user's module:function imports) before any weights load
+        check_reward_name(cfg.reward.name, cfg.reward.soft_scorer)
+    except ConfigError:
+        raise
+    except ValueError as error:
+        raise ConfigError(f"reward.name: {error}") from None
     problems = [*_rule_problems(cfg, m), *_argument_problems(cfg, m), *_group_problems(_taken_only(cfg, m), m)]
     if problems:
         raise ConfigError(f"keys that do not apply to method {m.name!r}:\n" + "\n".join(problems),

@@ -111,6 +111,7 @@ class Trainer:
             key = jax.random.fold_in(key, self.process_index)  # each process samples its own prompts
         responses = self.responses(rows, models, key)
         batch, metrics = self.objective.batch(responses)
+        self.last_rollout = (responses, batch)  # for the completions log (logging.completions_every)
         return batch, {**responses.metrics, **metrics}
 
     def update(self, batch: Any, step: int) -> dict[str, float]:
@@ -250,6 +251,7 @@ class Trainer:
             for step in range(start, steps):
                 metrics = self.train_one_step(step)
                 logger.log(step + 1, metrics)
+                logger.log_completions(step + 1, *self.last_rollout)
                 done, last = step + 1, step + 1 == steps
                 meta = {"data": self.prompts.state.to_json()}
                 finished = (done, self.state, meta)
