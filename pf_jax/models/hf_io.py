@@ -306,6 +306,7 @@ def _write_export(model: Decoder, directory: Path) -> None:
     config = model.cfg.to_hf()
     config["dtype"] = {jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}.get(
         jnp.dtype(model.param_dtype), "float32")
+    config["torch_dtype"] = config["dtype"]  # the name transformers 4.x and vLLM read
     tensors = jax.device_get(model_to_hf_tensors(model))
     bad = next((name for name, array in tensors.items() if not np.isfinite(array).all()), None)
     if bad is not None:  # a model that cannot be served is never written (the run's checkpoints remain)
@@ -313,3 +314,5 @@ def _write_export(model: Decoder, directory: Path) -> None:
     save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
     write_weight_digests(directory, [directory / SINGLE_FILE])
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # safetensors creates its file 0600; the export is read by servers running as other users like its config
+    os.chmod(directory / SINGLE_FILE, (directory / "config.json").stat().st_mode & 0o777)

@@ -35,6 +35,7 @@ from pf_jax.methods.protocols import Models
 from pf_jax.methods.scoring import Scorer
 from pf_jax.training.checkpoint import Checkpointer, StopSignal, restore_data_position
 from pf_jax.training.evaluators import evaluator_for
+from pf_jax.training.export_files import export_modules, finish_export
 from pf_jax.training.guards import SkipGuard, check_prompts_fit
 from pf_jax.training.metrics import MetricsLogger
 from pf_jax.training.model_source import load_policy
@@ -191,8 +192,10 @@ class Trainer:
         classifier), written by process 0 into run_dir/export."""
         directory = self.run_dir / "export"
         modules = self.modules() if modules is None else modules  # every process: the transfer is collective
+        modules = export_modules(modules, self.cfg.export)  # export.dtype (training/export_files.py)
         if self.process_index == 0:
             self.objective.deliver(modules, self.codec, directory)
+            finish_export(directory, self.cfg, self.codec)  # generation_config.json, export.push_to_hub
         return directory
 
     # -- the run ---------------------------------------------------------------------------------------
