@@ -24,6 +24,7 @@ from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from pf_jax.config.errors import ConfigError, exit_code_of
+from pf_jax.phases import show_phases
 
 Encode = Callable[[str], list[int]]
 Decode = Callable[[Sequence[int]], str]
@@ -41,6 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     parser.add_argument("--min-p", type=float, default=0.0, help="0 = off")
     parser.add_argument("--stop-token-id", type=int, action="append", default=[], help="extra stop token ids")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop string, matched on the decoded text across tokens (repeat for several; \\n = newline)")
     parser.add_argument("--seed", type=int, default=0)
     chat = parser.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
@@ -70,9 +73,12 @@ def load_for_generation(spec: str, chat: bool | None) -> tuple[Any, Encode, Deco
         codec = load_codec(spec, eos_ids=model.cfg.eos_token_ids)
         return model, codec.encode_prompt, codec.decode_response
     from pf_jax.models.registry import load_model
-    from pf_jax.sampling.chat import encode_prompt
+    from pf_jax.sampling.chat import encode_prompt, has_chat_template
 
     model, tokenizer = load_model(spec, scan_layers=False)  # unrolled layers: the fast CPU decode
+    if chat and not has_chat_template(tokenizer):
+        raise ConfigError(f"--chat: the tokenizer of {spec} has no chat template; leave out --chat (or pass "
+                          "--no-chat) for plain prompts")
     return (model, lambda text: encode_prompt(tokenizer, text, chat_template=chat),
             lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True))
 
@@ -96,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from pf_jax.sampling import GenerationConfig, SamplingParams, generate
+    from pf_jax.sampling.stops import cut_at_stops, unescape
 
     try:  # bad sampling settings fail before the (slow) model load, naming the setting
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
@@ -103,9 +110,12 @@ def run(args: argparse.Namespace) -> int:
                                   sampling=sampling, stop_token_ids=tuple(args.stop_token_id))
         if args.num_samples < 1:
             raise ValueError(f"-n (samples per prompt) must be >= 1, got {args.num_samples}")
+        if any(not s for s in args.stop):
+            raise ValueError("--stop needs a non-empty text")
     except ValueError as err:
         raise ConfigError(str(err)) from None
 
+    show_phases()  # loading weights, dequantising, building kernels: one line each on stderr
     console = Console(stderr=True)
     timings: dict[str, float] = {}
     with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console,
@@ -123,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
         start = time.perf_counter()
         result = generate(model, prompt_ids, jax.random.key(args.seed), config, n=args.num_samples)
         jax.block_until_ready(result.tokens)
+        texts = [decode(t) for t in result.response_token_lists()]
+        if args.stop:  # cut each response after the token that completes its first stop string
+            result, texts = cut_at_stops(result, decode, [unescape(s) for s in args.stop], config.resolved(model).pad_token_id)
         timings["generate_s"] = time.perf_counter() - start
         progress.update(task, description="done")
 
@@ -136,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             "prompt": args.prompt[prompt],
             "prompt_tokens": prompt_ids[prompt],
             "sample": row % args.num_samples,
-            "text": decode(tokens),
+            "text": texts[row],
             "tokens": tokens,
             "finish_reason": result.finish_reasons[row],
             "num_tokens": len(tokens),

@@ -1,4 +1,5 @@
-"""`python -m pf_jax.train [--config configs/X.yaml] [key.sub=value ...] [--dry-run [--topology NAME] [--json PATH]]`
+"""`python -m pf_jax.train [--config configs/X.yaml] [key.sub=value ...] [--print-config [SECTION]] [--dry-run
+[--topology NAME] [--json PATH]]`; `--help` says what each does and lists the shipped recipes.
 
 With no arguments it runs the embedded default, configs/default.yaml: PowerFlow (alpha = 4, no labels,
 no reward) on the built-in arithmetic base model, trained first by SFT on a noisy corpus if it is not
@@ -19,8 +20,10 @@ import sys
 from collections.abc import Sequence
 
 from pf_jax.config import ConfigError, exit_code_of, load_config
+from pf_jax.config.describe import describe_config, print_config_request, usage_text
 from pf_jax.config.loading import parse_cli_args
 from pf_jax.config.recipe import CONFIGS_DIR
+from pf_jax.phases import show_phases
 
 DEFAULT_RECIPE = CONFIGS_DIR / "default.yaml"
 
@@ -49,10 +52,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def run(argv: list[str]) -> int:
+    if "-h" in argv or "--help" in argv:
+        print(usage_text())
+        return 0
+    print_config, section, argv = print_config_request(argv)
     dry_run = "--dry-run" in argv
     argv = [a for a in argv if a != "--dry-run"]
     from pf_jax.config.recipe import TrainConfig
     from pf_jax.methods.compose import compose
+    from pf_jax.methods.recipe_checks import method_notes
 
     topology, argv = take_option(argv, "--topology")
     json_path, argv = take_option(argv, "--json")
@@ -65,7 +73,11 @@ def run(argv: list[str]) -> int:
 
         prepare_libtpu_environment(topology)
     path, overrides = parse_cli_args(argv)
+    show_phases()  # loading weights, compiling, ...: one line each on stderr (pf_jax/phases.py)
     cfg = load_config(TrainConfig, path or DEFAULT_RECIPE, overrides)
+    if print_config:
+        print(describe_config(cfg, section, notes=method_notes(cfg)), end="")
+        return 0
     compose(cfg)  # the recipe against its method (a key it cannot take, a missing reward) before weights load
     if dry_run:
         from pf_jax.planning.dry_run import dry_run as plan

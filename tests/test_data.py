@@ -66,7 +66,7 @@ def test_skip_policy_counts_and_reports_every_bad_row(tmp_path, caplog):
     )
     reasons = dict(report.examples)
     assert sorted(reasons) == [1, 2, 3, 4, 5, 6, 8, 9]
-    assert reasons[1] == "missing field 'prompt'"
+    assert reasons[1] == "missing field 'prompt' (or a conversation in 'messages')"
     assert reasons[2].startswith("field 'prompt' must be a string, got int")
     assert reasons[4] == "prompt has 41 tokens, more than max_prompt_tokens=16"
     assert reasons[8] == "missing field 'answer'"
@@ -105,7 +105,7 @@ def test_parquet_through_datasets_with_custom_fields(tmp_path):
     cfg = DataConfig(source=str(path), prompt_field="question", answer_field="solution")
     out = load_prompt_rows(cfg, cache_dir=str(tmp_path / "cache"))
     assert out.rows == [{"prompt": "1+1=", "answer": "2"}, {"prompt": "2+2=", "answer": "4"}]
-    assert dict(out.report.examples) == {1: "missing field 'question'", 3: "field 'question' is empty"}
+    assert dict(out.report.examples) == {1: "missing field 'question' (or a conversation in 'messages')", 3: "field 'question' is empty"}
 
 
 def test_preference_rows(tmp_path):

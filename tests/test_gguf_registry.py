@@ -23,7 +23,7 @@ def tiny_gguf(tmp_path_factory):
 
 def test_gguf_path_gives_model_and_tokenizer_with_chat_template(tiny_gguf, monkeypatch):
     path, cache = tiny_gguf
-    monkeypatch.setenv("PF_JAX_CACHE_DIR", str(cache))
+    monkeypatch.setenv("PF_JAX_CACHE", str(cache))
     model, tokenizer = load_model(str(path))
     assert model.cfg.architecture == "llama" and model.cfg.vocab_size == 96
     ids = tokenizer("the cat sat on a mat")["input_ids"]
@@ -35,7 +35,7 @@ def test_gguf_path_gives_model_and_tokenizer_with_chat_template(tiny_gguf, monke
 
 def test_hf_directory_round_trip(tiny_gguf, tmp_path, monkeypatch):
     path, cache = tiny_gguf
-    monkeypatch.setenv("PF_JAX_CACHE_DIR", str(cache))
+    monkeypatch.setenv("PF_JAX_CACHE", str(cache))
     model, tokenizer = load_model(str(path))
     export_hf_directory(model, tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -64,7 +64,7 @@ def test_missing_gguf_path_is_named(tmp_path):
 
 def test_directory_without_tokenizer_is_named(tiny_gguf, tmp_path, monkeypatch):
     path, cache = tiny_gguf
-    monkeypatch.setenv("PF_JAX_CACHE_DIR", str(cache))
+    monkeypatch.setenv("PF_JAX_CACHE", str(cache))
     export_hf_directory(load_model(str(path))[0], tmp_path)
     with pytest.raises(WeightsFileError, match="tokenizer"):
         load_model(str(tmp_path))
@@ -74,7 +74,7 @@ def test_unscanned_layout_gives_same_logits(tiny_gguf, monkeypatch):
     import jax.numpy as jnp
 
     path, cache = tiny_gguf
-    monkeypatch.setenv("PF_JAX_CACHE_DIR", str(cache))
+    monkeypatch.setenv("PF_JAX_CACHE", str(cache))
     scanned, _ = load_model(str(path))
     unrolled, _ = load_model(str(path), scan_layers=False)
     assert not unrolled.scan_layers and scanned.scan_layers

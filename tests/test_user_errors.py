@@ -336,7 +336,7 @@ def test_nan_from_a_custom_reward_names_the_reward_and_response(capsys, tmp_path
 
     monkeypatch.setitem(REWARDS, "nan_reward", nan_reward)  # a user's reward, registered as users do
     train_fails(capsys, tmp_path, ["method.name=grpo", "reward.name=nan_reward"],
-                "reward 'nan_reward' gave nan for response 1", "1 of 4 rewards")
+                "reward 'nan_reward' failed on 1 of 4 completions", "response 1", "returned nan", "reward.on_error=zero")
 
 
 def test_nan_state_reward_names_the_state():

@@ -197,13 +197,13 @@ def _dotted_leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[str]:
             yield dotted
 
 
-def _model_types(annotation: Any) -> list[type[BaseModel]]:
+def model_types(annotation: Any) -> list[type[BaseModel]]:
     """The BaseModel classes inside an annotation (through Optional, unions and Annotated)."""
     origin = typing.get_origin(annotation)
     if origin is typing.Annotated:
-        return _model_types(typing.get_args(annotation)[0])
+        return model_types(typing.get_args(annotation)[0])
     if origin in (typing.Union, types.UnionType):
-        return [m for arg in typing.get_args(annotation) for m in _model_types(arg)]
+        return [m for arg in typing.get_args(annotation) for m in model_types(arg)]
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return [annotation]
     return []
@@ -225,7 +225,7 @@ def _walk_schema(schema: type[BaseModel], prefix: str) -> Iterator[str]:
     for name, field in schema.model_fields.items():
         dotted = f"{prefix}{_field_name(name, field)}"
         yield dotted
-        for model in _model_types(field.annotation):
+        for model in model_types(field.annotation):
             yield from _walk_schema(model, dotted + ".")
 
 
@@ -251,7 +251,7 @@ def _unknown_keys(schema: type[BaseModel], tree: dict[str, Any], prefix: str) ->
             yield next(_dotted_leaves({key: value}, prefix)) if isinstance(value, dict) else dotted
             continue
         annotation = fields[key].annotation
-        models = _model_types(annotation)
+        models = model_types(annotation)
         if models and isinstance(value, dict) and not _is_free_mapping(annotation):
             # For a union of sections a key is unknown only if no member accepts it.
             per_model = [set(_unknown_keys(m, value, dotted + ".")) for m in models]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from pf_jax.config.mesh import MeshConfig
 from pf_jax.config.sections import CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig, Section
@@ -107,6 +107,9 @@ class ModelSection(Section):
     export directory, a `.gguf` file, or a hub name (online only).
     dtype: compute dtype; param_dtype: storage dtype of the trained parameters. float32 storage with
     bfloat16 compute is mixed precision with float32 master weights.
+    chat_template: false renders text prompts as they are, true wraps them as a user turn of the
+    tokenizer's chat template; a name (`gemma3`, `qwen2.5`: pf_jax/models/chat_templates) or a `.jinja`
+    path sets that template first. Conversational rows always use a template.
     """
 
     name: str = "arith-base"
@@ -115,7 +118,7 @@ class ModelSection(Section):
     param_dtype: DType = "float32"
     remat: bool = False
     logprob_chunk: int = Field(128, ge=1)
-    chat_template: bool = False
+    chat_template: bool | str = False
     log_z_width: int = Field(128, ge=1)
     lora: LoraSection | None = None
 
@@ -132,6 +135,14 @@ class RolloutSection(Section):
     max_new_tokens: int = Field(16, ge=1)
     updates_per_batch: int = Field(1, ge=1)
     minibatches: int = Field(1, ge=1)
+    stop: list[str] = Field(default_factory=list)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_strings_not_empty(cls, stop: list[str]) -> list[str]:
+        if any(not s for s in stop):
+            raise ValueError("a stop string must not be empty")
+        return stop
 
 
 class MethodSection(Section):
@@ -165,7 +176,10 @@ class MethodSection(Section):
 
 
 class RewardSection(Section):
-    """What scores a response (where the method uses a reward): see pf_jax.tasks.rewards.REWARDS.
+    """What scores a response (where the method uses a reward): a name of pf_jax.tasks.rewards.REWARDS, or
+    `package.module:function`, a function (prompts, completions, **row fields) -> one float per completion
+    (TRL's reward_funcs convention). on_error: what a reward that raises or returns a non-finite value for
+    a row does: `stop` the run naming the row, or count it and give it reward `zero`.
 
     format_penalty: PowerFlow's psi(y), added to the base log-likelihood target when the response has no
     parseable answer (0 disables it).
@@ -177,6 +191,7 @@ class RewardSection(Section):
     scale: float = 1.0
     format_penalty: float = Field(0.0, le=0.0)
     soft_scorer: str | None = None  # `instructions`: directory of an exported reward_model classifier
+    on_error: Literal["stop", "zero"] = "stop"
 
 
 class EnvSection(Section):
@@ -208,7 +223,12 @@ class EnvSection(Section):
 
 
 class EvalSection(Section):
-    """Held-out accuracy (avg@k, maj@k, pass@k) and diversity of the base and the trained policy."""
+    """Held-out accuracy (avg@k, maj@k, pass@k) and diversity of the base and the trained policy.
+
+    The held-out rows never include training rows: `source` (another file or dataset; None: data.source)
+    at `split`, or with `fraction` a hash-based share of data.source's rows that training leaves out. A
+    local file has no splits, so with neither `source` nor `fraction` the in-run evaluation is skipped.
+    """
 
     enabled: bool = True
     problems: int = Field(200, ge=1)
@@ -216,6 +236,14 @@ class EvalSection(Section):
     temperature: float = Field(1.0, ge=0.0)
     every_steps: int | None = Field(None, ge=1)
     split: str = "test"
+    source: str | None = None
+    fraction: float | None = Field(None, gt=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_held_out_set(self) -> EvalSection:
+        if self.source is not None and self.fraction is not None:
+            raise ValueError("eval.source and eval.fraction name two held-out sets; set one of them")
+        return self
 
 
 class TrainingSection(Section):
@@ -228,10 +256,14 @@ class TrainingSection(Section):
 class ExportSection(Section):
     """What a finished run writes into <run_dir>/export. `export: false` in a recipe is `export.enabled:
     false`. merge: with LoRA, also write the merged full model (W + (alpha/rank) A B) as an HF directory
-    in export/ beside the PEFT adapter in export/adapter/; without LoRA the policy is always exported whole."""
+    in export/ beside the PEFT adapter in export/adapter/; without LoRA the policy is always exported whole.
+    dtype: the exported weights' dtype (None: model.param_dtype). push_to_hub: a hub repo id the export is
+    uploaded to when the run finishes (online only; offline it is skipped with a message)."""
 
     enabled: bool = True
     merge: bool = True
+    dtype: DType | None = None
+    push_to_hub: str | None = Field(None, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
     @model_validator(mode="before")
     @classmethod

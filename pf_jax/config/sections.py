@@ -107,6 +107,8 @@ class LoggingConfig(Section):
     wandb_project: str | None = None
     progress_bar: bool = True
     plots: bool = True
+    completions_every: int = Field(0, ge=0)
+    completions_count: int = Field(4, ge=1)
 
     @field_validator("run_name")
     @classmethod
@@ -120,7 +122,11 @@ class DataConfig(Section):
     """Where prompts (or preference pairs) come from and what to do with a malformed row.
 
     `source` is a synthetic task name, a local `.jsonl`/`.json`/`.parquet` path, or a hub dataset name;
-    `format="auto"` decides by the file suffix, then the synthetic registry, then the hub.
+    `format="auto"` decides by the file suffix, then the synthetic registry, then the hub. A row may be
+    conversational (TRL / the hub's format): `{"messages": [{"role", "content"}, ...]}`, or prompt /
+    chosen / rejected / completion fields holding message lists; it is rendered with the tokenizer's
+    chat template, and `assistant_only_loss` trains on the assistant turns only. `packing` packs several
+    SFT rows into each sequence of `packed_length` tokens, no row attending to another.
     """
 
     source: str = "arithmetic"
@@ -134,3 +140,7 @@ class DataConfig(Section):
     on_bad_row: Literal["skip", "stop"] = "skip"
     shuffle: bool = True
     shuffle_seed: int = 0
+    messages_field: str = "messages"
+    assistant_only_loss: bool = True
+    packing: bool = False
+    packed_length: int = Field(1024, ge=8)

@@ -1,8 +1,9 @@
 """Text <-> token ids for prompts and responses, the same way for every model the trainer runs.
 
 A prompt is encoded with the tokenizer's own conventions (BOS; the chat template when asked and the
-tokenizer has one); a response is encoded without special tokens and ends with EOS, which is what the
-sampler emits and what likelihood losses must score.
+tokenizer has one); a response is encoded without special tokens and ends with EOS (or, when prompts are
+chat turns, the template's end-of-turn token), which is what the sampler emits and what likelihood losses
+must score. A conversation (a list of messages) is rendered with the chat template (data/chat_render.py).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+
+from pf_jax.data.chat_render import ChatRenderer, ChatTemplateError, named_chat_template
 
 CHAR_TOKENIZER_FILE = "pf_jax_char_tokenizer.json"
 
@@ -86,10 +89,17 @@ class TextCodec(Protocol):
     pad_id: int
     eos_ids: tuple[int, ...]
 
-    def encode_prompt(self, text: str) -> list[int]: ...
+    def encode_prompt(self, text: str | list[dict[str, str]]) -> list[int]: ...
     def encode_response(self, text: str) -> list[int]: ...
+    def encode_conversation(self, prompt: list[dict[str, str]], completion: list[dict[str, str]], *,
+                            assistant_only: bool = True) -> tuple[list[int], list[int], list[bool]]: ...
     def decode_response(self, ids: Sequence[int]) -> str: ...
     def save(self, directory: str | Path) -> None: ...
+
+
+def no_template(codec_name: str) -> ChatTemplateError:
+    return ChatTemplateError(f"conversational rows need a chat template, and the {codec_name} tokenizer has none",
+                             hint="use a model whose tokenizer has one, or text rows (prompt / answer fields)")
 
 
 class SpecialTokenCodec:
@@ -105,10 +115,16 @@ class SpecialTokenCodec:
         self.eos_ids = (tokenizer.eos_id,)
 
     def encode_prompt(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise no_template(type(self.tokenizer).__name__)
         return self.tokenizer.encode(text, add_bos=True)
 
     def encode_response(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_eos=True)
+
+    def encode_conversation(self, prompt: list[dict[str, str]], completion: list[dict[str, str]], *,
+                            assistant_only: bool = True) -> tuple[list[int], list[int], list[bool]]:
+        raise no_template(type(self.tokenizer).__name__)
 
     def decode_response(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode(ids, stop_at_eos=True)
@@ -126,28 +142,55 @@ class CharCodec(SpecialTokenCodec):
 
 
 class HFCodec:
-    """A transformers tokenizer. chat_template=True wraps the prompt as one user turn of the template."""
+    """A transformers tokenizer. chat_template: False encodes text prompts as they are; True wraps a text
+    prompt as one user turn of the tokenizer's chat template; a template name or `.jinja` path
+    (pf_jax.data.chat_render.named_chat_template) sets that template first, then does the same.
+    Conversations (lists of messages) are always rendered with the template. When the template closes
+    assistant turns with a token of its own, that token ends a response (and stops the sampler) too."""
 
-    def __init__(self, tokenizer: Any, *, chat_template: bool = False, eos_ids: Sequence[int] = ()) -> None:
-        if chat_template and not getattr(tokenizer, "chat_template", None):
-            raise ValueError("model.chat_template=true but this tokenizer has no chat template")
-        self.tokenizer = tokenizer
-        self.chat_template = chat_template
+    def __init__(self, tokenizer: Any, *, chat_template: bool | str = False, eos_ids: Sequence[int] = (),
+                 name: str = "the tokenizer") -> None:
+        if isinstance(chat_template, str):
+            tokenizer.chat_template = named_chat_template(chat_template)
+        elif chat_template and not getattr(tokenizer, "chat_template", None):
+            raise ChatTemplateError(f"model.chat_template=true but {name} has no chat template",
+                                    hint="name one: model.chat_template=gemma3 | qwen2.5 | path/to/template.jinja")
+        self.tokenizer, self.name = tokenizer, name
+        self.chat_template = bool(chat_template)
         self.vocab_size = len(tokenizer)
         eos = tuple(int(i) for i in eos_ids) or ((tokenizer.eos_token_id,) if tokenizer.eos_token_id is not None else ())
         if not eos:
             raise ValueError("the tokenizer names no EOS token and the model config gives none")
-        self.eos_ids = eos
+        self.renderer = ChatRenderer(tokenizer, name) if getattr(tokenizer, "chat_template", None) else None
+        turn_end = self.renderer.turn_end_id if self.renderer is not None else None
+        self.eos_ids = eos + ((turn_end,) if turn_end is not None and turn_end not in eos else ())
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def _chat(self) -> ChatRenderer:
+        if self.renderer is None:
+            raise ChatTemplateError(f"conversational rows need a chat template, and {self.name} has none",
+                                    hint="set model.chat_template=gemma3 | qwen2.5 | path/to/template.jinja")
+        return self.renderer
+
+    def encode_prompt(self, prompt: str | list[dict[str, str]]) -> list[int]:
+        if isinstance(prompt, list):
+            return self._chat().prompt_ids(prompt)
         if self.chat_template:
-            return list(self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": text}], add_generation_prompt=True, tokenize=True, return_dict=False))
-        return list(self.tokenizer(text)["input_ids"])
+            return self._chat().prompt_ids([{"role": "user", "content": prompt}])
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def response_end_id(self) -> int:
+        """What ends a response: the template's end-of-turn token when prompts are chat turns, else EOS."""
+        turn_end = self.renderer.turn_end_id if self.renderer is not None and self.chat_template else None
+        return self.eos_ids[0] if turn_end is None else turn_end
 
     def encode_response(self, text: str) -> list[int]:
-        return [*list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), self.eos_ids[0]]
+        return [*list(self.tokenizer(text, add_special_tokens=False)["input_ids"]), self.response_end_id()]
+
+    def encode_conversation(self, prompt: list[dict[str, str]], completion: list[dict[str, str]], *,
+                            assistant_only: bool = True) -> tuple[list[int], list[int], list[bool]]:
+        """(prompt ids, completion ids, trained flags) of a conversation (pf_jax.data.chat_render)."""
+        return self._chat().completion(prompt, completion, assistant_only=assistant_only, eos_id=self.eos_ids[0])
 
     def decode_response(self, ids: Sequence[int]) -> str:
         ids = list(ids)

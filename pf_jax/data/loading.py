@@ -13,14 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from pf_jax.config import ConfigError, DataConfig
-from pf_jax.data.rows import (
-    DataFileError,
-    RowProblem,
-    ValidatedRows,
-    preference_row_check,
-    prompt_row_check,
-    validate_rows,
-)
+from pf_jax.data.row_checks import Render, kto_row_check, preference_row_check, prompt_row_check, rendered
+from pf_jax.data.rows import DataFileError, RowProblem, ValidatedRows, validate_rows
 
 LOCAL_FORMATS = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet"}
 
@@ -115,16 +109,27 @@ def read_file_rows(cfg: DataConfig, cache_dir: str | None = None, *, hub_hint: s
         ) from error
 
 
-def validated_prompt_rows(raw: Any, cfg: DataConfig, count_tokens: Callable[[str], int] | None = None) -> ValidatedRows:
-    """Prompt rows {"prompt", "answer"?} of the raw rows of `cfg`'s source, with the skip/stop policy applied."""
-    check = prompt_row_check(cfg.prompt_field, cfg.answer_field, cfg.max_prompt_tokens, count_tokens)
-    return validate_rows(raw, check, cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")
+def validated_prompt_rows(raw: Any, cfg: DataConfig, count_tokens: Callable[[Any], int] | None = None, *,
+                          targets_in_messages: bool = False, render: Render | None = None) -> ValidatedRows:
+    """Prompt rows {"prompt", "answer"?} of the raw rows of `cfg`'s source, with the skip/stop policy applied
+    (targets_in_messages: SFT, which trains on a conversation's assistant turns: {"prompt", "messages"};
+    render: encodes a checked row, a chat-template failure making it a bad row)."""
+    check = prompt_row_check(cfg.prompt_field, cfg.answer_field, cfg.max_prompt_tokens, count_tokens,
+                             messages_field=cfg.messages_field, targets_in_messages=targets_in_messages)
+    return validate_rows(raw, rendered(check, render), cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")
 
 
-def validated_preference_rows(raw: Any, cfg: DataConfig, count_tokens: Callable[[str], int] | None = None
-                              ) -> ValidatedRows:
+def validated_kto_rows(raw: Any, cfg: DataConfig, count_tokens: Callable[[Any], int] | None = None, *,
+                       render: Render | None = None) -> ValidatedRows:
+    """KTO rows {"prompt", "completion", "label"} of the raw rows of `cfg`'s source."""
+    check = kto_row_check(cfg.prompt_field, max_prompt_tokens=cfg.max_prompt_tokens, count_tokens=count_tokens)
+    return validate_rows(raw, rendered(check, render), cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")
+
+
+def validated_preference_rows(raw: Any, cfg: DataConfig, count_tokens: Callable[[Any], int] | None = None, *,
+                              render: Render | None = None) -> ValidatedRows:
     """Preference rows {"prompt", "chosen", "rejected"} of the raw rows of `cfg`'s source."""
     check = preference_row_check(
         cfg.prompt_field, cfg.chosen_field, cfg.rejected_field, cfg.max_prompt_tokens, count_tokens
     )
-    return validate_rows(raw, check, cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")
+    return validate_rows(raw, rendered(check, render), cfg.on_bad_row, source=f"{cfg.source} [{cfg.split}]")

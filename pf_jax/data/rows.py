@@ -1,5 +1,6 @@
-"""Row validation for prompt and preference data: each bad row is reported by index and reason, then
-skipped and counted or, with policy 'stop', raised as BadRowError. Nothing is dropped silently."""
+"""Row validation: each bad row is reported by index and reason, then skipped and counted or, with policy
+'stop', raised as BadRowError. Nothing is dropped silently. The checks of each kind of row (prompts,
+preference pairs, KTO rows, text or conversational) are pf_jax.data.row_checks'."""
 
 import dataclasses
 import logging
@@ -79,63 +80,6 @@ def check_text_field(row: Mapping[str, Any], field: str, allow_numbers: bool = F
 
 
 RowCheck = Callable[[Mapping[str, Any]], "dict[str, Any] | RowProblem"]
-
-
-def prompt_row_check(
-    prompt_field: str = "prompt",
-    answer_field: str | None = None,
-    max_prompt_tokens: int | None = None,
-    count_tokens: Callable[[str], int] | None = None,
-) -> RowCheck:
-    """Check for prompt rows -> {"prompt": str, "answer": str (if answer_field)}.
-
-    The answer may be a string or a number (kept as its string). With `count_tokens` and
-    `max_prompt_tokens`, a prompt with more tokens than the limit is a bad row.
-    """
-
-    def check(row: Mapping[str, Any]) -> dict[str, Any] | RowProblem:
-        prompt = check_text_field(row, prompt_field)
-        if isinstance(prompt, RowProblem):
-            return prompt
-        out = {"prompt": prompt}
-        if answer_field is not None:
-            answer = check_text_field(row, answer_field, allow_numbers=True)
-            if isinstance(answer, RowProblem):
-                return answer
-            out["answer"] = answer
-        if count_tokens is not None and max_prompt_tokens is not None:
-            n = count_tokens(prompt)
-            if n > max_prompt_tokens:
-                return RowProblem("prompt too long", f"prompt has {n} tokens, more than max_prompt_tokens={max_prompt_tokens}")
-        return out
-
-    return check
-
-
-def preference_row_check(
-    prompt_field: str = "prompt",
-    chosen_field: str = "chosen",
-    rejected_field: str = "rejected",
-    max_prompt_tokens: int | None = None,
-    count_tokens: Callable[[str], int] | None = None,
-) -> RowCheck:
-    """Check for preference rows -> {"prompt", "chosen", "rejected"}; chosen == rejected is a bad row."""
-    prompt_check = prompt_row_check(prompt_field, None, max_prompt_tokens, count_tokens)
-
-    def check(row: Mapping[str, Any]) -> dict[str, Any] | RowProblem:
-        out = prompt_check(row)
-        if isinstance(out, RowProblem):
-            return out
-        for name, field in (("chosen", chosen_field), ("rejected", rejected_field)):
-            text = check_text_field(row, field)
-            if isinstance(text, RowProblem):
-                return text
-            out[name] = text
-        if out["chosen"] == out["rejected"]:
-            return RowProblem("identical pair", f"fields '{chosen_field}' and '{rejected_field}' are identical")
-        return out
-
-    return check
 
 
 def validate_rows(

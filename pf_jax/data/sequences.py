@@ -5,6 +5,13 @@
 
 With that layout the log-prob of response token r is read off the hidden state at joint position P-1+r,
 for every row at once, and losses get `[B, R]` arrays aligned with the response tokens.
+
+Optional fields, None unless a batch needs them:
+    target_mask     [B, R]  the response tokens a likelihood loss trains on, where that is not all of
+                            them (a conversation's assistant turns; `loss_mask` combines both masks)
+    segment_ids     [B, L]  packed rows: 1, 2, ... per example, 0 on padding; a token attends only to
+                            earlier tokens of its own segment
+    segment_positions [B, L]  packed rows: RoPE positions restarting at 0 in each segment
 """
 
 from __future__ import annotations
@@ -23,6 +30,14 @@ class SequenceBatch:
     prompt_mask: Bool[Array, "B P"]
     response_tokens: Int[Array, "B R"]
     response_mask: Bool[Array, "B R"]
+    target_mask: Bool[Array, "B R"] | None = None
+    segment_ids: Int[Array, "B L"] | None = None
+    segment_positions: Int[Array, "B L"] | None = None
+
+    @property
+    def loss_mask(self) -> Bool[Array, "B R"]:
+        """The response tokens a likelihood loss trains on."""
+        return self.response_mask if self.target_mask is None else self.response_mask & self.target_mask
 
     @property
     def tokens(self) -> Int[Array, "B L"]:
@@ -34,7 +49,10 @@ class SequenceBatch:
 
     @property
     def positions(self) -> Int[Array, "B L"]:
-        """RoPE positions: 0 at each row's first real token, whatever its left padding."""
+        """RoPE positions: 0 at each row's first real token, whatever its left padding (packed rows: at
+        each segment's first token)."""
+        if self.segment_positions is not None:
+            return self.segment_positions
         return jnp.maximum(jnp.cumsum(self.attention_mask.astype(jnp.int32), axis=1) - 1, 0)
 
     @property
@@ -63,8 +81,10 @@ def pack_sequences(
     pad_id: int,
     prompt_len: int | None = None,
     response_len: int | None = None,
+    targets: Sequence[Sequence[bool]] | None = None,
 ) -> SequenceBatch:
     """Lay token lists out as a SequenceBatch; lengths default to the power-of-two bucket of the longest.
+    targets: per response token, whether a likelihood loss trains on it (the batch's target_mask).
 
     Raises ValueError naming the row when a prompt is empty or a row does not fit the given lengths.
     """
@@ -89,4 +109,10 @@ def pack_sequences(
         pm[i, P - len(p) :] = True
         rt[i, : len(r)] = r
         rm[i, : len(r)] = True
-    return SequenceBatch(jnp.asarray(pt), jnp.asarray(pm), jnp.asarray(rt), jnp.asarray(rm))
+    target = None
+    if targets is not None:
+        target = np.zeros((B, R), bool)
+        for i, t in enumerate(targets):
+            target[i, : len(t)] = t
+        target = jnp.asarray(target)
+    return SequenceBatch(jnp.asarray(pt), jnp.asarray(pm), jnp.asarray(rt), jnp.asarray(rm), target)

@@ -30,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from pf_jax.config.cache import cache_root
 from pf_jax.envs.protocol import (
     SUCCESS_STATE_KEY,
     EnvNotResetError,
@@ -62,9 +63,8 @@ _PROMPT_TAIL = re.compile(r"\n>[^\n]*$")
 
 
 def default_cache_dir() -> Path:
-    """$PF_JAX_CACHE/textworld, else ~/.cache/pf_jax/textworld."""
-    root = os.environ.get("PF_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "pf_jax")
-    return Path(root) / "textworld"
+    """<pf_jax cache>/textworld ($PF_JAX_CACHE, default ~/.cache/pf_jax: pf_jax.config.cache)."""
+    return cache_root() / "textworld"
 
 
 def game_settings(kind: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -1,8 +1,8 @@
 """Compiled kernel libraries: built once into a per-user cache, and loaded only when the cache is trusted.
 
 A shared library runs code the moment it is loaded (its constructors), so one from a cache that someone
-else can write must never be loaded. The cache is `$PF_JAX_CACHE/kernels-<uid>` (default
-`~/.cache/pf_jax/kernels-<uid>`), created with mode 0700. A library is loaded only if that directory and
+else can write must never be loaded. The cache is `<pf_jax cache>/kernels-<uid>`
+($PF_JAX_CACHE, default `~/.cache/pf_jax`: pf_jax.config.cache), created with mode 0700. A library is loaded only if that directory and
 the library file are owned by this user and writable by no one else, the directory's parent does not
 let others replace it (not writable by others, or sticky like /tmp), and the file's sha256 equals the
 digest recorded beside it (`<library>.sha256`) when it was built. A library without a matching digest is
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import logging
 import os
 import shutil
 import stat
@@ -23,6 +24,10 @@ import tempfile
 from pathlib import Path
 
 import jax
+
+from pf_jax.config.cache import cache_root
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 
 class KernelBuildError(RuntimeError):
@@ -34,8 +39,7 @@ class UntrustedCacheError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    root = Path(os.environ.get("PF_JAX_CACHE", Path.home() / ".cache" / "pf_jax"))
-    return root / f"kernels-{os.geteuid()}"
+    return cache_root() / f"kernels-{os.geteuid()}"
 
 
 def _untrusted(info: os.stat_result) -> str | None:
@@ -83,6 +87,7 @@ def build(source: Path) -> Path:
     """Compile `source` into the trusted cache (replacing whatever is at its name) and record its digest.
     Raises KernelBuildError with the compiler's output when compilation fails."""
     directory, target = trusted_directory(), library_path(source)
+    _PHASE.info("building the CPU kernel %s (first use; cached in %s)", source.stem, directory)
     with tempfile.TemporaryDirectory(dir=directory) as tmp:  # compile aside, then rename: atomic
         out = Path(tmp) / target.name
         cmd = [_compiler(), "-O3", "-std=c++17", "-shared", "-fPIC", f"-I{jax.ffi.include_dir()}", str(source),

@@ -13,6 +13,7 @@ from pf_jax.data.codec import TextCodec
 from pf_jax.methods.env_rollouts import EnvRollouts
 from pf_jax.methods.prompts import SAMPLED
 from pf_jax.methods.protocols import Needs, Objective, ResponseSource
+from pf_jax.methods.recipe_checks import check_keys_apply
 from pf_jax.methods.registry import METHODS, Method, get_method, keeps_reference, single_sample_problem
 from pf_jax.methods.responses import (
     DatasetCompletions,
@@ -65,6 +66,7 @@ def check_recipe(cfg: TrainConfig) -> Method:
                           f"{', '.join(n for n, x in METHODS.items() if x.responses in COMPLETION_KINDS)})")
     _check_groups(cfg, m)
     _check_lora(cfg)
+    check_keys_apply(cfg, m)  # keys of another method, before any weights load (methods/recipe_checks.py)
     return m
 
 
@@ -119,7 +121,9 @@ def response_source(cfg: TrainConfig, composition: Composition, codec: TextCodec
     recipe's text reward (recipe_reward), for the sampled kinds."""
     needs, kind = composition.objective.needs, composition.kind
     if kind in ("dataset", "kto"):
-        return DatasetCompletions(codec, scorer, needs, field="answer" if kind == "dataset" else "completion")
+        packed = cfg.data.packed_length if cfg.data.packing else None  # data.packing: SFT only (recipe_checks)
+        return DatasetCompletions(codec, scorer, needs, "answer" if kind == "dataset" else "completion",
+                                  cfg.data.assistant_only_loss, packed)
     if kind == "pairs":
         return DatasetPairs(codec, scorer, needs)
     if kind == "labelled":
@@ -145,7 +149,8 @@ def recipe_reward(cfg: TrainConfig) -> RewardFn | None:
     if cfg.reward.name is None:
         return None
     try:
-        return build_reward(cfg.reward.name, cfg.reward.scale, soft_scorer=cfg.reward.soft_scorer)
+        return build_reward(cfg.reward.name, cfg.reward.scale, soft_scorer=cfg.reward.soft_scorer,
+                            on_error=cfg.reward.on_error)
     except ValueError as error:
         raise ConfigError(f"reward.name: {error}") from error
 

@@ -50,7 +50,7 @@ class Preference(ObjectiveDefaults):
         ref = {} if b.ref_chosen_logp is None else {"ref_chosen_logp": b.ref_chosen_logp,
                                                     "ref_rejected_logp": b.ref_rejected_logp}
         value, m = self.loss_fn(policy_chosen_logp=logp[:n], policy_rejected_logp=logp[n:],
-                                chosen_mask=b.chosen.response_mask, rejected_mask=b.rejected.response_mask, **ref)
+                                chosen_mask=b.chosen.loss_mask, rejected_mask=b.rejected.loss_mask, **ref)
         return value, {**metrics, **m}
 
 
@@ -72,7 +72,7 @@ class KTO(ObjectiveDefaults):
 
     def loss(self, modules: Mapping[str, nnx.Module], b: KTOBatch):
         logp, _, _, metrics = policy_terms(modules["policy"], b.seq, self.chunk_size)
-        z0 = kto_reference_point(logp, b.ref_logp, b.seq.response_mask)
-        value, m = self.loss_fn(policy_logp=logp, ref_logp=b.ref_logp, mask=b.seq.response_mask,
+        z0 = kto_reference_point(logp, b.ref_logp, b.seq.loss_mask)
+        value, m = self.loss_fn(policy_logp=logp, ref_logp=b.ref_logp, mask=b.seq.loss_mask,
                                 desirable=b.desirable, reference_point=z0)
         return value, {**metrics, **m, "kto_z0": z0}

@@ -9,11 +9,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from pf_jax.config import ConfigError
 from pf_jax.config.recipe import TrainConfig
 from pf_jax.data.codec import TextCodec
+from pf_jax.data.examples import encode_example, sft_example
+from pf_jax.data.holdout import split_held_out
 from pf_jax.data.iterator import BatchIterator
 from pf_jax.methods.env_rollouts import task_pool_rows
 from pf_jax.methods.protocols import PromptSource
@@ -22,10 +25,12 @@ from pf_jax.tasks.instructions.rows import curriculum_batches, instruction_sourc
 from pf_jax.tasks.sources import load_kto_rows, load_preference_rows, load_prompt_rows
 
 SAMPLED = frozenset({"policy", "reference", "sample_pairs", "env"})
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 
 def training_rows(cfg: TrainConfig, kind: str, codec: TextCodec) -> list[dict[str, Any]]:
     """The validated rows a response source of `kind` reads (see pf_jax.methods.registry.ResponseKind)."""
+    _PHASE.info("reading the training rows (%s)", cfg.env.name if kind == "env" else cfg.data.source)
     if kind == "env":
         return task_pool_rows(cfg.env)
     if kind == "labelled":
@@ -35,13 +40,30 @@ def training_rows(cfg: TrainConfig, kind: str, codec: TextCodec) -> list[dict[st
             raise ConfigError(f"data.source '{cfg.data.source}' gives instruction prompts without responses; method "
                               f"{cfg.method.name!r} trains on dataset responses (use a sampling method, e.g. grpo)")
         return load_instruction_rows(cfg.data, cfg.curriculum.synthetic_instructions)
+    count = lambda prompt: len(codec.encode_prompt(prompt))
     if kind == "kto":
-        return load_kto_rows(cfg.data)
-    count = lambda text: len(codec.encode_prompt(text))
-    rows = load_preference_rows(cfg.data, count) if kind == "pairs" else load_prompt_rows(cfg.data, count)
+        rows = load_kto_rows(cfg.data, count, render=lambda row: sft_example(codec, row, "completion"))
+    elif kind == "pairs":
+        rows = load_preference_rows(cfg.data, count, render=lambda row: [
+            encode_example(codec, row["prompt"], row[side]) for side in ("chosen", "rejected")])
+    else:
+        render = (lambda row: sft_example(codec, row, "answer")) if kind == "dataset" else None
+        rows = load_prompt_rows(cfg.data, count, targets_in_messages=kind == "dataset", render=render)
     if rows.report.skipped:
         print(f"[pf_jax] data: {rows.report.summary()}")
-    return list(rows.rows)
+    return without_held_out(cfg, list(rows.rows))
+
+
+def without_held_out(cfg: TrainConfig, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows left to train on once eval.fraction's hash-chosen share is held out for evaluation."""
+    if cfg.eval.fraction is None:
+        return rows
+    train, test = split_held_out(rows, cfg.eval.fraction)
+    if not train or not test:
+        raise ConfigError(f"eval.fraction={cfg.eval.fraction} of the {len(rows)} rows of {cfg.data.source} leaves "
+                          f"{len(train)} to train on and {len(test)} to evaluate; both need at least one row")
+    print(f"[pf_jax] data: {len(test)} of {len(rows)} rows held out for evaluation (eval.fraction={cfg.eval.fraction})")
+    return train
 
 
 def rows_per_step(cfg: TrainConfig, kind: str) -> int:

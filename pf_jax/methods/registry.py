@@ -89,9 +89,19 @@ def single_sample_problem(cfg: TrainConfig, m: Method) -> str | None:
         return f"its advantages ({m.estimator.fn.fn.__name__}) compare each sample with the others of its prompt"
     if kind == "sample_pairs":
         return "its preference pairs are the best and the worst sample of a prompt"
-    if isinstance(m.build, partial) and m.build.func is _gflownet and cfg.method.log_z == "group":
+    if is_gflownet(m) and cfg.method.log_z == "group":
         return "method.log_z=group estimates log Z from the samples of a prompt"
     return None
+
+
+def is_gflownet(m: Method) -> bool:
+    """A GFlowNet method (PowerFlow, the TB family): its objective is built by _gflownet."""
+    return isinstance(m.build, partial) and m.build.func is _gflownet
+
+
+def is_policy_gradient(m: Method) -> bool:
+    """A single-turn policy-gradient method (PPO, GRPO and variants, RLOO, REINFORCE++, CISPO)."""
+    return m.build is _policy_gradient
 
 
 def _supervised(cfg: TrainConfig, m: Method) -> Supervised:

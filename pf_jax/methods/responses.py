@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from pf_jax.data.codec import TextCodec
-from pf_jax.data.sequences import SequenceBatch, bucket_length, pack_sequences
+from pf_jax.data.examples import encode_example, layout, sft_example
+from pf_jax.data.packing import pack_examples
+from pf_jax.data.sequences import SequenceBatch, bucket_length
 from pf_jax.methods.protocols import Completions, LabelledTexts, Models, Needs, Pairs, Row
 from pf_jax.methods.scoring import Scorer
 from pf_jax.rewards.text_rewards import RewardFn
@@ -30,25 +32,26 @@ from pf_jax.sampling.texts import sample_responses
 from pf_jax.tasks.instructions.reward_model import classifier_batch
 
 
-def pack_texts(codec: TextCodec, prompts: Sequence[str], responses: Sequence[str]) -> SequenceBatch:
-    """Prompts (the codec's prompt encoding) beside responses (ending in EOS), lengths bucketed."""
-    p = [codec.encode_prompt(x) for x in prompts]
-    r = [codec.encode_response(x) for x in responses]
-    return pack_sequences(p, r, pad_id=codec.pad_id, prompt_len=bucket_length(max(map(len, p))),
-                          response_len=bucket_length(max(map(len, r))))
-
-
 @dataclass
 class DatasetCompletions:
-    """One sequence per row: its prompt and its `field` ("answer" for SFT, "completion" for KTO)."""
+    """One sequence per row: its prompt and its `field` ("answer" for SFT, "completion" for KTO), or the
+    turns of its conversation (pf_jax.data.examples); assistant_only: a conversation trains on its
+    assistant turns only (data.assistant_only_loss); packed_length: several rows per sequence of that
+    many tokens (data.packing, pf_jax.data.packing), None: one row per sequence."""
 
     codec: TextCodec
     scorer: Scorer
     needs: Needs
     field: str = "answer"
+    assistant_only: bool = True
+    packed_length: int | None = None
 
     def __call__(self, rows: Sequence[Row], models: Models, key: jax.Array) -> Completions:
-        seq = pack_texts(self.codec, [r["prompt"] for r in rows], [r[self.field] for r in rows])
+        examples = [sft_example(self.codec, r, self.field, assistant_only=self.assistant_only) for r in rows]
+        if self.packed_length is not None:
+            seq = pack_examples(examples, self.packed_length, self.codec.pad_id)
+            return Completions(rows, seq, np.arange(len(rows)))
+        seq = layout(examples, self.codec.pad_id)
         ref = self.scorer.logprobs(models.reference, seq, models.reference_graphdef) if self.needs.reference_logp else None
         return Completions(rows, seq, np.arange(len(rows)), ref_logp=ref)
 
@@ -62,13 +65,12 @@ class DatasetPairs:
     needs: Needs
 
     def __call__(self, rows: Sequence[Row], models: Models, key: jax.Array) -> Pairs:
-        prompts = [self.codec.encode_prompt(r["prompt"]) for r in rows]
-        chosen = [self.codec.encode_response(r["chosen"]) for r in rows]
-        rejected = [self.codec.encode_response(r["rejected"]) for r in rows]
-        P = bucket_length(max(map(len, prompts)))
-        R = bucket_length(max(map(len, chosen + rejected)))
-        c = pack_sequences(prompts, chosen, pad_id=self.codec.pad_id, prompt_len=P, response_len=R)
-        j = pack_sequences(prompts, rejected, pad_id=self.codec.pad_id, prompt_len=P, response_len=R)
+        chosen = [encode_example(self.codec, r["prompt"], r["chosen"]) for r in rows]
+        rejected = [encode_example(self.codec, r["prompt"], r["rejected"]) for r in rows]
+        P = bucket_length(max(len(e.prompt) for e in chosen))
+        R = bucket_length(max(len(e.response) for e in chosen + rejected))
+        c = layout(chosen, self.codec.pad_id, prompt_len=P, response_len=R)
+        j = layout(rejected, self.codec.pad_id, prompt_len=P, response_len=R)
         return scored_pairs(rows, c, j, self.scorer, models if self.needs.reference_logp else None)
 
 

@@ -30,7 +30,7 @@ def response_logprobs(
 ) -> tuple[Array, Array | None, Array]:
     """Teacher-forced log pi(response_t | prompt, response_<t), [B, R]; optionally the per-token entropy
     of the full distribution; and the final hidden states [B, P+R, D] (for heads)."""
-    hidden, _ = model(seq.tokens, seq.positions, seq.attention_mask)
+    hidden, _ = model(seq.tokens, seq.positions, seq.attention_mask, segment_ids=seq.segment_ids)
     P, R = seq.prompt_tokens.shape[1], seq.response_tokens.shape[1]
     out = token_logprobs(
         hidden[:, P - 1 : P - 1 + R], model.lm_head(), seq.response_tokens, chunk_size=chunk_size,

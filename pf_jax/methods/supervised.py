@@ -39,5 +39,5 @@ class Supervised(ObjectiveDefaults):
 
     def loss(self, modules: Mapping[str, nnx.Module], b: SupervisedBatch):
         logp, _, _, metrics = policy_terms(modules["policy"], b.seq, self.chunk_size)
-        value, m = self.loss_fn(logp=logp, mask=b.seq.response_mask, weights=b.weights)
+        value, m = self.loss_fn(logp=logp, mask=b.seq.loss_mask, weights=b.weights)
         return value, {**metrics, **m}

@@ -166,7 +166,9 @@ class ModelConfig:
         return cls(**kwargs)
 
     def to_hf(self) -> dict:
-        """config.json (transformers 5 format) that AutoModelForCausalLM loads unchanged."""
+        """config.json that AutoModelForCausalLM loads unchanged: transformers 5's `rope_parameters`, and the
+        keys transformers 4.x and vLLM read instead (`rope_theta`, `rope_scaling`, Gemma 3's
+        `rope_local_base_freq`), which transformers 5 ignores when rope_parameters is given."""
         full_rope = {"rope_type": "default", **dict(self.rope_scaling or ()), "rope_theta": self.rope_theta}
         out: dict[str, Any] = dict(
             architectures=[HF_ARCHITECTURE_CLASSES[self.architecture]],
@@ -185,6 +187,8 @@ class ModelConfig:
             eos_token_id=list(self.eos_token_ids) if len(self.eos_token_ids) != 1 else self.eos_token_ids[0],
             pad_token_id=self.pad_token_id,
             rope_parameters=full_rope,
+            rope_theta=self.rope_theta,
+            rope_scaling=dict(self.rope_scaling) if self.rope_scaling else None,
         )
         act = {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[self.activation]
         if self.architecture != "qwen2":
@@ -204,6 +208,7 @@ class ModelConfig:
                     "full_attention": full_rope,
                     "sliding_attention": {"rope_type": "default", "rope_theta": self.rope_local_theta},
                 },
+                rope_local_base_freq=self.rope_local_theta,
             )
         else:
             out["hidden_act"] = act

@@ -153,7 +153,7 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array | None = None,
                  cache: KVCache | None = None, *, ops: XlaOps | None = None,
-                 prefill: bool = False) -> tuple[Array, KVCache | None]:
+                 prefill: bool = False, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
         """tokens, positions: int [B, T]; attention_mask: bool [B, T] (False = padding).
 
         Without a cache, token t attends to tokens s <= t that are not padding. With a cache, the T new
@@ -163,6 +163,8 @@ class Decoder(nnx.Module):
         kernels with the projections packed once (pf_jax.models.ops.CpuDecodeOps).
         prefill: the cache holds nothing yet (a prefill at slot 0), so the new tokens' attention is
         self-attention among them, which fused kernels (splash on TPU) compute without the [B, T, S] mask.
+        segment_ids: int [B, T], packed rows without a cache: a token attends only to tokens of its own
+        segment (1, 2, ...; 0 = padding), so several examples share a row without seeing each other.
         Returns the final-normed hidden states [B, T, D] and the updated cache (or None).
         """
         cfg, ops = self.cfg, ops or self.ops
@@ -174,7 +176,7 @@ class Decoder(nnx.Module):
         if self.lora is not None and EMBEDDING in self.lora.targets:
             x = plus_delta(x, embedding_delta(self.lora, tokens, self.embed_lora_a[...], self.embed_lora_b[...]).astype(x.dtype))
         x = constrain(x, EMBED_LAYOUT)
-        mask, index, k_valid, k_positions = self._attention_mask(valid, positions, cache)
+        mask, index, k_valid, k_positions = self._attention_mask(valid, positions, cache, segment_ids)
         layers = _LayerPass(cfg, ops, self.dtype, positions, mask, index, fresh=cache is not None and prefill,
                             lora=self.lora, dropout_key=current_dropout_key())
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
@@ -201,7 +203,7 @@ class Decoder(nnx.Module):
             carry, _ = block(carry, (params, inv_freq[i], windows[i], i))
         return carry
 
-    def _attention_mask(self, valid: Array, positions: Array, cache: KVCache | None
+    def _attention_mask(self, valid: Array, positions: Array, cache: KVCache | None, segment_ids: Array | None = None
                         ) -> tuple[AttentionMask, Array | int, Array, Array]:
         """(the pass's AttentionMask, the first slot its tokens take (0 without a cache), the keys' valid
         flags and positions [B, S] after writing the new tokens)."""
@@ -215,9 +217,15 @@ class Decoder(nnx.Module):
             kv_slots = jnp.arange(cache.max_len)
         q_slots = index + jnp.arange(t)
         causal = k_valid[:, None, :] & (kv_slots[None, None, :] <= q_slots[None, :, None])  # [B, T, S]
+        segments = valid.astype(jnp.int32)
+        if segment_ids is not None:
+            if cache is not None:
+                raise ValueError("segment_ids (packed rows) are for a pass without a KV cache")
+            segments = jnp.where(valid, segment_ids.astype(jnp.int32), 0)
+            causal = causal & (segments[:, :, None] == segments[:, None, :])
         distance = positions[:, :, None] - k_positions[:, None, :]  # [B, T, S]
         windows = tuple(sorted({self.cfg.sliding_window if s else NO_WINDOW for s in self.cfg.is_sliding}))
-        return AttentionMask(causal, distance, valid.astype(jnp.int32), windows), index, k_valid, k_positions
+        return AttentionMask(causal, distance, segments, windows), index, k_valid, k_positions
 
 
 def with_layer_layout(model: Decoder, *, scan_layers: bool) -> Decoder:

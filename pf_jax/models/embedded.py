@@ -15,6 +15,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from pf_jax.config.cache import cache_root
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddedModel:
@@ -33,10 +35,8 @@ EMBEDDED_MODELS = {
 
 
 def pf_jax_cache_dir() -> Path:
-    """$PF_JAX_CACHE_DIR, else $XDG_CACHE_HOME/pf_jax, else ~/.cache/pf_jax."""
-    if env := os.environ.get("PF_JAX_CACHE_DIR"):
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "pf_jax"
+    """The pf_jax cache root ($PF_JAX_CACHE, see pf_jax.config.cache)."""
+    return cache_root()
 
 
 def file_sha256(path: Path) -> str:

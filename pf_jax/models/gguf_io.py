@@ -17,6 +17,7 @@ No pickle is involved anywhere: GGUF is a flat header plus raw tensor bytes.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -27,6 +28,8 @@ import gguf
 import numpy as np
 
 from pf_jax.models.errors import UnsupportedArchitectureError, WeightsFileError
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 SUPPORTED_GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma3")
 
@@ -307,6 +310,7 @@ def load_gguf_cached(path: str | os.PathLike, *, sha256: str, cache_dir: Path, d
     cached = Path(cache_dir) / f"{sha256}-v{CONVERSION_VERSION}"
     if (cached / "config.json").is_file():
         return load_hf_directory(cached, dtype=dtype, param_dtype=param_dtype, scan_layers=scan_layers)
+    _PHASE.info("dequantising the GGUF %s (first use; cached in %s)", Path(path).name, cached.parent)
     cfg, tensors = read_gguf(path)
     cached.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cached.parent, prefix=cached.name + ".", suffix=".part"))

@@ -9,6 +9,7 @@ stale tokenizer.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -17,6 +18,8 @@ from typing import Any
 
 from pf_jax.models.embedded import file_sha256, pf_jax_cache_dir
 from pf_jax.models.errors import WeightsFileError
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 
 def tokenizer_cache_path(sha256: str, cache_dir: Path | None = None) -> Path:
@@ -38,6 +41,7 @@ def load_gguf_tokenizer(gguf_path: str | os.PathLike, *, sha256: str | None = No
     cached = tokenizer_cache_path(sha256 or file_sha256(path), cache_dir)
     if (cached / "tokenizer_config.json").is_file():
         return AutoTokenizer.from_pretrained(cached)
+    _PHASE.info("building the tokenizer of %s (first use; cached in %s)", path.name, cached.parent)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as err:

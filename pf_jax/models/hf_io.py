@@ -7,6 +7,7 @@ directory that has one is loaded only if its weights match it. Every tensor load
 from __future__ import annotations
 
 import json
+import logging
 import os
 import struct
 from collections.abc import Callable, Iterator, Mapping
@@ -30,6 +31,8 @@ from pf_jax.models.errors import (
     WeightsFileError,
 )
 from pf_jax.models.weight_digests import verify_weight_digests, write_weight_digests
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -263,6 +266,7 @@ def load_hf_directory(path_or_hub_name: str | os.PathLike, *, dtype=jnp.float32,
         pickles = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
         hint = f" (found {pickles}: pickle files are never loaded; convert them to safetensors)" if pickles else ""
         raise WeightsFileError(f"weights file not found: {directory / SINGLE_FILE} or {index_path}{hint}")
+    _PHASE.info("loading weights from %s", directory)
     verify_weight_digests(directory, files)
     return model_from_hf_tensors(hf_config, SafetensorsTensors(files), dtype=dtype, param_dtype=param_dtype,
                                  scan_layers=scan_layers, config_source=str(config_path))
@@ -302,6 +306,7 @@ def _write_export(model: Decoder, directory: Path) -> None:
     config = model.cfg.to_hf()
     config["dtype"] = {jnp.dtype(jnp.bfloat16): "bfloat16", jnp.dtype(jnp.float16): "float16"}.get(
         jnp.dtype(model.param_dtype), "float32")
+    config["torch_dtype"] = config["dtype"]  # the name transformers 4.x and vLLM read
     tensors = jax.device_get(model_to_hf_tensors(model))
     bad = next((name for name, array in tensors.items() if not np.isfinite(array).all()), None)
     if bad is not None:  # a model that cannot be served is never written (the run's checkpoints remain)
@@ -309,3 +314,5 @@ def _write_export(model: Decoder, directory: Path) -> None:
     save_file(tensors, str(directory / SINGLE_FILE), metadata={"format": "pt"})
     write_weight_digests(directory, [directory / SINGLE_FILE])
     (directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    # safetensors creates its file 0600; the export is read by servers running as other users like its config
+    os.chmod(directory / SINGLE_FILE, (directory / "config.json").stat().st_mode & 0o777)

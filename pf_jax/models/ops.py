@@ -61,7 +61,8 @@ class AttentionMask:
 
     A key is allowed iff its slot holds a token, its slot is not after the query's, and (sliding layers)
     position(q) - position(k) < window. `causal` holds the first two, `distance` the positions'
-    difference; `segment_ids` [B, T] (1 = token, 0 = padding) describes the same mask for the new tokens
+    difference; `segment_ids` [B, T] (1, 2, ... = the example a token belongs to in a packed row, else 1 for
+    every token; 0 = padding) describes the same mask for the new tokens
     alone, as kernels that build the causal part themselves want it (valid when a row's tokens are
     contiguous, as left-padded prompts and right-padded responses are); `windows` are the model's
     distinct window sizes (static), so a kernel can pick its mask for a traced per-layer window.

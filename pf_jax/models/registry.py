@@ -10,6 +10,7 @@ spec is tried in this order:
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
@@ -24,6 +25,8 @@ from pf_jax.models.errors import WeightsFileError
 from pf_jax.models.gguf_io import load_gguf, load_gguf_cached
 from pf_jax.models.gguf_tokenizer import load_gguf_tokenizer
 from pf_jax.models.ops import select_ops
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
@@ -48,6 +51,7 @@ def load_model(spec: str, *, dtype: Any = jnp.float32, param_dtype: Any = jnp.fl
 
 def _load(spec: str, **kw: Any) -> tuple[Decoder, Any]:
     if spec in EMBEDDED_MODELS:
+        _PHASE.info("loading the embedded model %s (%s)", spec, EMBEDDED_MODELS[spec].description)
         path, sha256 = embedded_gguf_path(spec), embedded_sha256(spec)
         tokenizer = load_gguf_tokenizer(path, sha256=sha256)
         model = load_gguf_cached(path, sha256=sha256, cache_dir=pf_jax_cache_dir() / "dequantised", **kw)

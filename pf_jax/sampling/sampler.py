@@ -48,6 +48,7 @@ class GenerationConfig:
     min_new_tokens: int = 0
     pad_token_id: int | None = None  # None: the model's pad id, else 0
     min_prompt_bucket: int = 16
+    stop_strings: tuple[str, ...] = ()  # cut on the decoded text afterwards (pf_jax.sampling.stops)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -87,6 +88,7 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
     """
     if n < 1:
         raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
+    config = dataclasses.replace(config, stop_strings=())  # text-level, applied by the caller: not a new program
     if model.scan_layers:
         model = with_layer_layout(model, scan_layers=False)
     config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, n)

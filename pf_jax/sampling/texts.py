@@ -6,6 +6,7 @@ same over many prompts a chunk at a time (held-out evaluation, instruction evalu
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import numpy as np
@@ -16,6 +17,7 @@ from pf_jax.data.sequences import SequenceBatch
 from pf_jax.models.decoder import Decoder
 from pf_jax.sampling.filters import SamplingParams
 from pf_jax.sampling.sampler import GenerationConfig, generate
+from pf_jax.sampling.stops import cut_at_stops
 
 
 def generation_config(rollout: RolloutSection, codec: TextCodec, *, temperature: float | None = None
@@ -26,17 +28,22 @@ def generation_config(rollout: RolloutSection, codec: TextCodec, *, temperature:
         max_new_tokens=rollout.max_new_tokens,
         sampling=SamplingParams(temperature=t, top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p),
         eos_token_ids=tuple(codec.eos_ids), pad_token_id=codec.pad_id, min_prompt_bucket=8,
+        stop_strings=tuple(rollout.stop),
     )
 
 
 def sample_responses(
-    model: Decoder, codec: TextCodec, prompts: Sequence[str], n: int, key: jax.Array, gen: GenerationConfig
+    model: Decoder, codec: TextCodec, prompts: Sequence[Any], n: int, key: jax.Array, gen: GenerationConfig
 ) -> tuple[SequenceBatch, jax.Array, list[str], np.ndarray]:
-    """n samples per prompt: (sequences, exact policy log-probs [N, R], decoded texts, prompt index [N])."""
+    """n samples per prompt: (sequences, exact policy log-probs [N, R], decoded texts, prompt index [N]);
+    a response with one of gen.stop_strings ends at it (pf_jax.sampling.stops)."""
     ids = [codec.encode_prompt(p) for p in prompts]
     res = generate(model, ids, key, gen, n=n)
+    if gen.stop_strings:
+        res, texts = cut_at_stops(res, codec.decode_response, gen.stop_strings, codec.pad_id)
+    else:
+        texts = [codec.decode_response(t) for t in res.response_token_lists()]
     seq = SequenceBatch(res.prompt_tokens, res.prompt_mask, res.tokens, res.response_mask)
-    texts = [codec.decode_response(t) for t in res.response_token_lists()]
     return seq, res.policy_logprobs, texts, np.asarray(res.prompt_index)
 
 

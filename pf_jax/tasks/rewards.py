@@ -10,12 +10,12 @@ so they are listed in INTERNAL_REWARDS and have no text function.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import numpy as np
 
 from pf_jax.evaluation.answer_checkers import AnswerChecker, MathVerifyChecker
-from pf_jax.rewards.errors import RewardOutputError
+from pf_jax.rewards.custom import custom_reward, guarded, is_custom, resolve
 from pf_jax.rewards.text_rewards import RewardFn, RewardOutput, checker_reward, majority_vote_reward
 from pf_jax.tasks.arithmetic import ARITHMETIC_CHECKER, arithmetic_answer
 
@@ -66,27 +66,42 @@ ANSWER_EXTRACTORS: dict[str, Callable[[str], str | None]] = {
 }
 
 
-def build_reward(name: str, scale: float = 1.0, soft_scorer: str | None = None) -> RewardFn | None:
-    """The text reward called `name` (its output checked: one finite reward per response); None for an
-    internal reward. Unknown names list the known ones. `soft_scorer` (a classifier export directory) is
-    read by the `instructions` reward only."""
+def check_reward_name(name: str | None, soft_scorer: str | None = None) -> None:
+    """A ValueError (ConfigError for a custom reward) when `name` names no reward, before anything loads:
+    unknown names list the known ones, a `module:function` must import."""
     if soft_scorer is not None and name != "instructions":
         raise ValueError(f"reward.soft_scorer is used by the 'instructions' reward only, not by {name!r}")
+    if name is None or name in INTERNAL_REWARDS or name in REWARDS:
+        return
+    if is_custom(name):
+        resolve(name)
+        return
+    known = ", ".join([*REWARDS, *INTERNAL_REWARDS])
+    raise ValueError(f"unknown reward {name!r}; known rewards: {known}, or package.module:function")
+
+
+def build_reward(name: str, scale: float = 1.0, soft_scorer: str | None = None, on_error: str = "stop"
+                 ) -> RewardFn | None:
+    """The text reward called `name` (a named reward, or a `module:function` of the user's:
+    pf_jax.rewards.custom), scaled, under the on_error policy for a row that raises or is not finite;
+    None for an internal reward. `soft_scorer` (a classifier export directory) is read by the
+    `instructions` reward only."""
+    check_reward_name(name, soft_scorer)
     if name in INTERNAL_REWARDS:
         return None
-    if name not in REWARDS:
-        known = ", ".join([*REWARDS, *INTERNAL_REWARDS])
-        raise ValueError(f"unknown reward {name!r}; known rewards: {known}")
-    fn = REWARDS[name](scale=scale, **({"soft_scorer": soft_scorer} if soft_scorer is not None else {}))
+    if is_custom(name):
+        fn = custom_reward(name)
+    else:
+        fn = REWARDS[name](scale=scale, **({"soft_scorer": soft_scorer} if soft_scorer is not None else {}))
     factor = 1.0 if name == "instructions" else scale  # `instructions` applies its scale itself
+    policed = guarded(name, fn, on_error)
 
-    def checked(rows, responses, group_ids):
-        out = fn(rows, responses, group_ids)
+    def scaled(rows, responses, group_ids):
+        out = policed(rows, responses, group_ids)
         out.rewards = np.asarray(out.rewards, np.float32) * np.float32(factor)
-        check_rewards(name, out.rewards, responses)
         return out
 
-    return checked
+    return scaled
 
 
 def answer_format(reward_name: str | None, data_source: str) -> Callable[[str], str | None] | None:
@@ -107,15 +122,3 @@ def heldout_checker(reward_name: str | None, data_source: str) -> AnswerChecker 
     if reward_name in (None, "arithmetic", "majority_vote") and data_source.startswith("arithmetic"):
         return ARITHMETIC_CHECKER
     return None
-
-
-def check_rewards(name: str, rewards: np.ndarray, responses: Sequence[str]) -> None:
-    """One finite reward per response, else RewardOutputError naming the reward and the response."""
-    if rewards.shape != (len(responses),):
-        raise RewardOutputError(f"reward {name!r} returned rewards of shape {rewards.shape} for {len(responses)} responses")
-    bad = np.flatnonzero(~np.isfinite(rewards))
-    if bad.size:
-        i = int(bad[0])
-        raise RewardOutputError(f"reward {name!r} gave {rewards[i]} for response {i} ({responses[i][:60]!r}); "
-                                   f"{bad.size} of {rewards.size} rewards are not finite numbers",
-                                   hint="a reward function must return a finite number for every response")

@@ -6,7 +6,7 @@ file or a hub dataset (pf_jax.data.loading), validated with the recipe's bad-row
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,9 +15,11 @@ from pf_jax.data.loading import (
     LOCAL_FORMATS,
     file_format,
     read_file_rows,
+    validated_kto_rows,
     validated_preference_rows,
     validated_prompt_rows,
 )
+from pf_jax.data.row_checks import Render
 from pf_jax.data.rows import ValidatedRows
 from pf_jax.tasks.arithmetic import arithmetic_task_rows
 
@@ -60,30 +62,25 @@ def read_rows(cfg: DataConfig, cache_dir: str | None = None) -> Any:
 
 
 def load_prompt_rows(
-    cfg: DataConfig, count_tokens: Callable[[str], int] | None = None, cache_dir: str | None = None
+    cfg: DataConfig, count_tokens: Callable[[Any], int] | None = None, cache_dir: str | None = None, *,
+    targets_in_messages: bool = False, render: Render | None = None,
 ) -> ValidatedRows:
-    """Validated prompt rows {"prompt", "answer"?} of `cfg`, with the skip/stop policy applied."""
-    return validated_prompt_rows(read_rows(cfg, cache_dir), cfg, count_tokens)
+    """Validated prompt rows {"prompt", "answer"?} of `cfg`, with the skip/stop policy applied
+    (targets_in_messages: SFT rows, whose conversations carry their own targets; render: see
+    pf_jax.data.row_checks.rendered)."""
+    return validated_prompt_rows(read_rows(cfg, cache_dir), cfg, count_tokens, targets_in_messages=targets_in_messages,
+                                 render=render)
 
 
 def load_preference_rows(
-    cfg: DataConfig, count_tokens: Callable[[str], int] | None = None, cache_dir: str | None = None
+    cfg: DataConfig, count_tokens: Callable[[Any], int] | None = None, cache_dir: str | None = None, *,
+    render: Render | None = None,
 ) -> ValidatedRows:
     """Validated preference rows {"prompt", "chosen", "rejected"} of `cfg`."""
-    return validated_preference_rows(read_rows(cfg, cache_dir), cfg, count_tokens)
+    return validated_preference_rows(read_rows(cfg, cache_dir), cfg, count_tokens, render=render)
 
 
-def load_kto_rows(cfg: DataConfig) -> list[dict[str, Any]]:
-    """Rows {"prompt", "completion", "label": bool} of `cfg`; a row missing a field is skipped (counted in
-    the printed summary) or, with data.on_bad_row=stop, a ConfigError naming it."""
-    raw = list(read_rows(cfg))
-    rows = []
-    for i, row in enumerate(raw):
-        missing = [k for k in ("prompt", "completion", "label") if not isinstance(row, Mapping) or k not in row]
-        if missing:
-            if cfg.on_bad_row == "stop":
-                raise ConfigError(f"bad row {i} in {cfg.source}: missing field(s) {missing} for KTO")
-            continue
-        rows.append({"prompt": row["prompt"], "completion": row["completion"], "label": bool(row["label"])})
-    print(f"[pf_jax] KTO rows: kept {len(rows)} of {len(raw)}")
-    return rows
+def load_kto_rows(cfg: DataConfig, count_tokens: Callable[[Any], int] | None = None, *,
+                  render: Render | None = None) -> ValidatedRows:
+    """Validated KTO rows {"prompt", "completion", "label": bool} of `cfg` (text or conversations)."""
+    return validated_kto_rows(read_rows(cfg), cfg, count_tokens, render=render)

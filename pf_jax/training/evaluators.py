@@ -11,6 +11,7 @@ An evaluator is called with a model and a key and takes no trainer: what it read
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,6 +21,7 @@ import jax
 from pf_jax.config import DataConfig
 from pf_jax.config.recipe import TrainConfig
 from pf_jax.data.codec import TextCodec
+from pf_jax.data.holdout import split_held_out
 from pf_jax.evaluation.answer_checkers import AnswerChecker
 from pf_jax.evaluation.scoring import MethodResult, Problem, score_responses
 from pf_jax.methods.compose import Composition
@@ -29,7 +31,9 @@ from pf_jax.sampling.texts import generation_config, sample_texts
 from pf_jax.tasks.instructions.evaluation import evaluate_instruction_reward
 from pf_jax.tasks.instructions.rows import instruction_source_kind
 from pf_jax.tasks.rewards import heldout_checker
-from pf_jax.tasks.sources import load_prompt_rows
+from pf_jax.tasks.sources import load_prompt_rows, resolve_format
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 
 class Evaluator(Protocol):
@@ -44,13 +48,17 @@ class HeldOutAccuracy:
     trained_settings: dict[str, Any]  # settings that describe the trained policy (e.g. PowerFlow's alpha)
 
     def problems(self) -> list[Problem]:
-        """The first eval.problems rows of eval.split, with their reference answers."""
-        data = DataConfig(**{**self.cfg.data.model_dump(), "split": self.cfg.eval.split, "answer_field": "answer"})
-        rows = list(load_prompt_rows(data).rows)[: self.cfg.eval.problems]
+        """The first eval.problems held-out rows (held_out_source), with their reference answers."""
+        data, fraction = held_out_source(self.cfg)
+        rows = list(load_prompt_rows(data).rows)
+        if fraction is not None:
+            rows = split_held_out(rows, fraction)[1]
+        rows = rows[: self.cfg.eval.problems]
         return [Problem(r["prompt"], r["answer"], str(i)) for i, r in enumerate(rows)]
 
     def __call__(self, name: str, model: Decoder, *, key: jax.Array) -> MethodResult:
         e, problems = self.cfg.eval, self.problems()
+        _PHASE.info("evaluating %s: %d held-out problems x %d samples", name, len(problems), e.samples)
         gen = generation_config(self.cfg.rollout, self.codec, temperature=e.temperature)
         texts, index = sample_texts(model, self.codec, [p.prompt for p in problems], e.samples, key, gen, chunk=64)
         per_problem = [[t for t, i in zip(texts, index) if i == j] for j in range(len(problems))]
@@ -72,6 +80,31 @@ class InstructionEvaluator:
         evaluate_instruction_reward(name, model, self.codec, self.reward, self.cfg, self.run_dir, key=key)
 
 
+def held_out_source(cfg: TrainConfig) -> tuple[DataConfig, float | None]:
+    """Where the held-out rows are: (the data source and split to read, the eval.fraction share of it to
+    keep, or None for all of it): eval.fraction of data.source's training split (left out of training,
+    pf_jax.methods.prompts.without_held_out), else eval.source (or data.source) at eval.split."""
+    e, d = cfg.eval, cfg.data
+    answer = "answer"  # the checkers compare with the task's reference answer, whatever SFT trains on
+    if e.fraction is not None:
+        return d.model_copy(update={"answer_field": answer}), e.fraction
+    return d.model_copy(update={"source": e.source or d.source, "split": e.split, "answer_field": answer,
+                                "format": "auto" if e.source else d.format}), None
+
+
+def scores_training_rows(cfg: TrainConfig) -> str | None:
+    """Why evaluating would score rows the run trains on (None: it would not): the held-out rows are
+    data.source's own, in a split that is the training split, or in a local file, which has no splits."""
+    e, d = cfg.eval, cfg.data
+    if e.fraction is not None or (e.source is not None and e.source != d.source):
+        return None
+    if resolve_format(d) in ("jsonl", "parquet"):
+        return f"data.source {d.source} is a local file, which has no splits"
+    if e.split == d.split:
+        return f"eval.split={e.split!r} is data.split"
+    return None
+
+
 def evaluator_for(cfg: TrainConfig, composition: Composition, codec: TextCodec, reward: RewardFn | None,
                   run_dir: Path) -> Evaluator | None:
     """The recipe's evaluator: the instruction reward for instruction tasks, held-out accuracy where the
@@ -82,6 +115,10 @@ def evaluator_for(cfg: TrainConfig, composition: Composition, codec: TextCodec, 
         return InstructionEvaluator(cfg, codec, reward, run_dir)
     checker = heldout_checker(cfg.reward.name, cfg.data.source)
     if checker is None or composition.kind == "env":
+        return None
+    if (why := scores_training_rows(cfg)) is not None:
+        print(f"[pf_jax] no held-out evaluation: {why}, so its rows are training rows; set eval.fraction=0.1 (a "
+              "hash-chosen share left out of training) or eval.source=<held-out file>")
         return None
     alpha = getattr(composition.objective, "alpha", None)
     return HeldOutAccuracy(cfg, codec, checker, {} if alpha is None else {"alpha": alpha})

@@ -8,6 +8,7 @@ appended one whole line per write and cut back to its last complete line on a re
 """
 
 import json
+import logging
 import math
 import re
 import time
@@ -31,9 +32,11 @@ from rich.table import Table
 from rich.text import Text
 
 from pf_jax.config import ConfigError, LoggingConfig
+from pf_jax.training.completions_log import completion_records, markdown_table
 from pf_jax.training.run_storage import LineLog, read_json_lines, write_text
 
 METRICS_FILE = "metrics.jsonl"
+COMPLETIONS_FILE = "completions.jsonl"
 SUMMARY_FILE = "summary.json"
 PLOTS_DIR = "plots"
 
@@ -80,6 +83,8 @@ class MetricsLogger:
         resume_step: int = 0,
         config: Mapping[str, Any] | None = None,
         console: Console | None = None,
+        completions_every: int = 0,
+        completions_count: int = 4,
     ) -> None:
         self.run_dir = Path(run_dir)
         self.total_steps = total_steps
@@ -87,7 +92,8 @@ class MetricsLogger:
         self.plots = plots
         self.active = process_index == 0
         self.history: list[dict[str, Any]] = []
-        self._tb = self._wandb = self._progress = None
+        self.completions_every, self.completions_count = completions_every, completions_count
+        self._tb = self._wandb = self._progress = self._completions = None
         self._closed = False
         if not self.active:
             return
@@ -96,6 +102,9 @@ class MetricsLogger:
         self._jsonl = LineLog(self.run_dir / METRICS_FILE,
                               keep=lambda r: isinstance(r.get("step"), int) and r["step"] <= resume_step)
         self.history = self._jsonl.records  # the same list: each append lands in both
+        if completions_every:
+            self._completions = LineLog(self.run_dir / COMPLETIONS_FILE,
+                                        keep=lambda r: isinstance(r.get("step"), int) and r["step"] <= resume_step)
         if config is not None:
             write_text(self.run_dir / "config.json", json.dumps(config, indent=2, default=str))
         if tensorboard:
@@ -120,6 +129,7 @@ class MetricsLogger:
             )
             self._task = self._progress.add_task(self.run_dir.name, total=total_steps, completed=resume_step)
             self._progress.start()
+            self._phases = _PhasesInBar(self._progress, self._task, self.run_dir.name)
 
     @classmethod
     def from_config(
@@ -129,7 +139,8 @@ class MetricsLogger:
         return cls(
             Path(cfg.runs_dir) / cfg.run_name, total_steps, process_index=process_index,
             every_steps=cfg.every_steps, tensorboard=cfg.tensorboard, wandb=cfg.wandb,
-            wandb_project=cfg.wandb_project, progress_bar=cfg.progress_bar, plots=cfg.plots, **kwargs,
+            wandb_project=cfg.wandb_project, progress_bar=cfg.progress_bar, plots=cfg.plots,
+            completions_every=cfg.completions_every, completions_count=cfg.completions_count, **kwargs,
         )
 
     def should_log(self, step: int) -> bool:
@@ -143,6 +154,7 @@ class MetricsLogger:
         if not self.active:
             return False
         if self._progress is not None:
+            self._phases.detach()  # the bar now shows steps
             self._progress.update(self._task, completed=step)
         if not self.should_log(step):
             return False
@@ -157,6 +169,24 @@ class MetricsLogger:
         shown = "  ".join(f"{name} {value:.4g}" for name, value in values.items())
         self.console.print(f"[dim]step {step}/{self.total_steps}[/dim]  {shown}", highlight=False)
         return True
+
+    def log_completions(self, step: int, responses: Any, batch: Any) -> int:
+        """Every `completions_every` steps, a few of the step's sampled prompts, completions, rewards and
+        advantages to completions.jsonl, TensorBoard (text) and W&B (a table); how many were written."""
+        if not (self.active and self._completions is not None and step % self.completions_every == 0):
+            return 0
+        records = completion_records(step, responses, batch, self.completions_count)
+        for record in records:
+            self._completions.append(record)
+        if records and self._tb is not None:
+            self._tb.add_text("completions", markdown_table(records), global_step=step)
+        if records and self._wandb is not None:
+            import wandb as wandb_module
+
+            columns = ["step", "prompt", "completion", "reward", "advantage", "group"]
+            table = wandb_module.Table(columns=columns, data=[[str(r[c]) for c in columns] for r in records])
+            self._wandb.log({"completions": table}, step=step)
+        return len(records)
 
     def summary(self) -> dict[str, dict[str, float | None]]:
         """Per metric over the logged steps: first, last, min, max, mean (finite values only)."""
@@ -179,8 +209,11 @@ class MetricsLogger:
             return {}
         self._closed = True
         if self._progress is not None:
+            self._phases.detach()
             self._progress.stop()
         self._jsonl.close()
+        if self._completions is not None:
+            self._completions.close()
         if self._tb is not None:
             self._tb.close()
         if self._wandb is not None:
@@ -202,6 +235,26 @@ class MetricsLogger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _PhasesInBar(logging.Handler):
+    """Until the first step is logged, the progress bar's description is the current startup phase
+    (pf_jax.phases: compiling the train step, the first rollout, ...) rather than a bar stuck at 0."""
+
+    def __init__(self, progress: Progress, task: Any, name: str) -> None:
+        super().__init__(logging.INFO)
+        self.progress, self.task, self.name = progress, task, name
+        self.logger = logging.getLogger("pf_jax.phase")
+        self.logger.setLevel(logging.INFO)
+        self.logger.addHandler(self)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.progress.update(self.task, description=f"{self.name}: {record.getMessage()}")
+
+    def detach(self) -> None:
+        if self in self.logger.handlers:
+            self.logger.removeHandler(self)
+            self.progress.update(self.task, description=self.name)
 
 
 def plot_curves(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -42,12 +43,15 @@ from pf_jax.training.checkpoint import (
     restore_data_position,
 )
 from pf_jax.training.evaluators import evaluator_for
+from pf_jax.training.export_files import export_modules, finish_export
 from pf_jax.training.guards import SkipGuard, check_prompts_fit
 from pf_jax.training.metrics import MetricsLogger
 from pf_jax.training.model_source import base_model_name, load_policy
 from pf_jax.training.placement import MeshPlacement
 from pf_jax.training.step import TrainState
 from pf_jax.training.update import build_update
+
+_PHASE = logging.getLogger("pf_jax.phase")  # what a CLI shows while it starts (pf_jax.phases)
 
 
 @dataclass
@@ -142,6 +146,7 @@ class Trainer:
             key = jax.random.fold_in(key, self.process_index)  # each process samples its own prompts
         responses = self.responses(rows, models, key)
         batch, metrics = self.objective.batch(responses)
+        self.last_rollout = (responses, batch)  # for the completions log (logging.completions_every)
         return batch, {**responses.metrics, **metrics}
 
     def update(self, batch: Any, step: int) -> dict[str, float]:
@@ -186,11 +191,17 @@ class Trainer:
     def train_one_step(self, step: int) -> dict[str, float]:
         """Make the step's batch, update on it; the step's metrics (timings and tokens/s included)."""
         t0 = time.perf_counter()
+        announce, self._stepped = not getattr(self, "_stepped", False), True  # the first step this process runs
+        if announce:
+            _PHASE.info("step %d: first batch%s", step + 1,
+                        " (the first rollout compiles the sampler)" if self.composition.samples else "")
         rows = self.prompts.next_batch()
         batch, info = self.make_batch(rows, step)
         if step == 0:
             info.update(self.initialize_heads(batch, len(rows)))
         t1 = time.perf_counter()
+        if announce:
+            _PHASE.info("step %d: compiling and running the train step", step + 1)
         metrics = self.update(batch, step)
         t2 = time.perf_counter()
         metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1,
@@ -223,7 +234,9 @@ class Trainer:
             if not self.cfg.export.merge:
                 return directory
             modules = {**modules, "policy": merged_model(policy)}
+        modules = export_modules(modules, self.cfg.export)  # export.dtype (training/export_files.py)
         self.objective.deliver(modules, self.codec, directory)
+        finish_export(directory, self.cfg, self.codec)  # generation_config.json, export.push_to_hub
         return directory
 
     # -- the run ---------------------------------------------------------------------------------------
@@ -286,6 +299,7 @@ class Trainer:
             for step in range(start, steps):
                 metrics = self.train_one_step(step)
                 logger.log(step + 1, metrics)
+                logger.log_completions(step + 1, *self.last_rollout)
                 done, last = step + 1, step + 1 == steps
                 meta = {"data": self.prompts.state.to_json(), **({"base": self.base_record} if self.lora else {})}
                 finished = (done, self.state, meta)

@@ -30,6 +30,8 @@ from pathlib import Path
 
 import nltk
 
+from pf_jax.config.cache import cache_root
+
 PUNKT_TAB_ENGLISH = "tokenizers/punkt_tab/english/"
 OPTIONAL_RESOURCES = {
     "averaged_perceptron_tagger_eng": "taggers/averaged_perceptron_tagger_eng/",
@@ -56,8 +58,8 @@ _STATUS: NltkDataStatus | None = None
 
 
 def nltk_cache_dir() -> Path:
-    """Directory pf_jax writes NLTK data to ($PF_JAX_NLTK_DATA or ~/.cache/pf_jax/nltk_data)."""
-    return Path(os.environ.get("PF_JAX_NLTK_DATA", Path.home() / ".cache" / "pf_jax" / "nltk_data"))
+    """Directory pf_jax writes NLTK data to ($PF_JAX_NLTK_DATA, else nltk_data in the pf_jax cache)."""
+    return Path(os.environ.get("PF_JAX_NLTK_DATA") or cache_root() / "nltk_data")
 
 
 def _has(resource: str) -> bool:
