@@ -12,8 +12,8 @@ from flax import nnx
 
 from pf_jax.config import ConfigError, load_config
 from pf_jax.config.recipe import TrainConfig
+from pf_jax.rewards.errors import RewardOutputError
 from pf_jax.tasks.instructions.classifier_files import load_soft_scorer
-from pf_jax.tasks.instructions.reward import RewardFunctionError
 from pf_jax.tasks.instructions.reward_model import classifier_batch
 from pf_jax.tasks.instructions.rows import CurriculumBatches, write_jsonl
 from pf_jax.training.trainer import Trainer
@@ -154,7 +154,9 @@ def test_a_failing_soft_score_is_reported_with_its_row(tmp_path):
     path = write_jsonl([{"id": "a", "task": "Write about the garden.", "constraints": [{"text": "Be cheerful."}]}],
                        tmp_path / "curriculum.jsonl")
     trainer = _trainer(tmp_path, "nosoft", *GRPO, "steps=1", f"data.source={path}", "rollout.prompts_per_step=1")
-    with pytest.raises(RewardFunctionError, match="row 0: row has a soft constraint but InstructionReward has no"):
+    # reward.on_error=stop (the default) turns the reward's own error into one user error naming the row
+    with pytest.raises(RewardOutputError, match=r"RewardFunctionError: .*row 0: row has a soft constraint but "
+                                                r"InstructionReward has no soft_scorer"):
         trainer.run()
 
 
