@@ -37,6 +37,10 @@ RECIPES = [
     ("rewardflow-3b", "configs/rewardflow/textworld-qwen2.5-3b-gpu.yaml", "v5p:2x2x2"),
 ]
 CONTEXT = ("configs/powerflow/qwen2.5-math-7b.yaml", "v5p:4x4x4", (4096, 8192, 16384))
+# The 7B PowerFlow recipe with LoRA (rank 64, all linear layers) against full fine-tuning: the per-device
+# peak on the recipe's slice, and the smallest of these slices each fits on (compiled, ascending).
+LORA = ["model.lora.rank=64", "model.lora.alpha=128"]
+SLICES = ("v5p:2x2x1", "v5p:2x2x2", "v5p:2x2x4", "v5p:2x4x4", "v5p:4x4x4")
 
 
 def recipe_row(name: str, recipe: str, topology: str) -> dict:
@@ -59,6 +63,37 @@ def context_row(length: int, attention: str) -> dict:
             "peak_bytes": plan.peak_bytes(r.resident), "hbm_bytes": r.topology.hbm_bytes,
             "out_of_memory": plan.out_of_memory, "error": plan.error, "splash_kernels": plan.kernels,
             "matmul_flops": flops, "wall_s": time.perf_counter() - started}
+
+
+def lora_row(config: str, topology: str) -> dict:
+    """The 7B PowerFlow recipe, full fine-tuning or LoRA, compiled for `topology` (the mesh's fsdp axis
+    takes every chip)."""
+    recipe = CONTEXT[0]
+    started = time.perf_counter()
+    overrides = ["mesh.fsdp=-1", *(LORA if config == "lora" else [])]
+    plan = compile_recipe(load_config(TrainConfig, recipe, overrides), topology)
+    out = plan_json(plan, load_config(TrainConfig, recipe, overrides))
+    return {"config": config, "topology": topology, "peak_bytes": out["peak_bytes"], "fits": out["fits"],
+            "verdict": out["verdict"], "wall_s": time.perf_counter() - started}
+
+
+def lora_rows() -> list[dict]:
+    """Each configuration on the recipe's slice, then on the smaller slices until one does not fit."""
+    rows = []
+    for config in ("full", "lora"):
+        for topology in reversed(SLICES):
+            print(f"[compile_at_scale] 7B PowerFlow {config} on {topology} ...", file=sys.stderr, flush=True)
+            rows.append(lora_row(config, topology))
+            if not rows[-1]["fits"]:
+                break
+    return rows
+
+
+def lora_table(rows: list[dict]) -> str:
+    lines = ["| 7B PowerFlow | slice | per-device peak (compiled) | fits |", "|---|---|---|---|"]
+    lines += [f"| {r['config']} | {r['topology']} | {r['peak_bytes'] / GiB:.1f} GiB | {'yes' if r['fits'] else 'no'} |"
+              for r in rows]
+    return "\n".join(lines)
 
 
 def recipe_table(rows: list[dict]) -> str:
@@ -89,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", nargs="*", help=f"recipe names ({', '.join(n for n, *_ in RECIPES)})")
     ap.add_argument("--skip-context", action="store_true")
     ap.add_argument("--skip-recipes", action="store_true")
+    ap.add_argument("--lora", action="store_true", help="also LoRA vs full fine-tuning for the 7B PowerFlow recipe")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/compile_at_scale.json"))
     args = ap.parse_args(argv)
     results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
@@ -111,6 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                 context.append(context_row(length, attention))
                 results["context"] = context
                 _write(args.json, results)
+    if args.lora:
+        results["lora"] = lora_rows()
+        _write(args.json, results)
+        print(lora_table(results["lora"]))
     print(recipe_table(results.get("recipes", [])))
     print()
     print(context_table(results.get("context", [])))

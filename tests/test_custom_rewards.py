@@ -135,3 +135,12 @@ def test_train_with_a_python_reward_fn_and_completions_in_the_logs(tmp_path):
 def test_reward_fn_and_reward_name_together_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="both name the reward"):
         train(_grpo(tmp_path, "reward.name=arithmetic"), reward_fn=lambda prompts, completions, **kw: [0.0])
+
+
+def test_the_readme_example_reward_scores_correct_and_brief(monkeypatch):
+    from pathlib import Path
+
+    monkeypatch.syspath_prepend(str(Path(__file__).parents[1] / "examples"))
+    reward = build_reward("rewards:correct_and_brief", scale=1.0)
+    out = reward(ROWS, ["3", "3 because", "5", "x 4"], GROUPS)
+    np.testing.assert_allclose(out.rewards, [1.0, 1.0 - 0.08, 0.0, 1.0])
