@@ -97,14 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     return exit_code_of("pf_jax.generate", lambda: run(parse_args(argv)))
 
 
-def run(args: argparse.Namespace) -> int:
-    import jax
-    import numpy as np
+def _generation_config(args: argparse.Namespace):
+    """The sampling settings from the flags; a bad one fails before the (slow) model load, naming it."""
+    from pf_jax.sampling import GenerationConfig, SamplingParams
 
-    from pf_jax.sampling import GenerationConfig, SamplingParams, generate
-    from pf_jax.sampling.stops import cut_at_stops, unescape
-
-    try:  # bad sampling settings fail before the (slow) model load, naming the setting
+    try:
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                                   sampling=sampling, stop_token_ids=tuple(args.stop_token_id))
@@ -114,7 +111,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--stop needs a non-empty text")
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    return config
 
+
+def run(args: argparse.Namespace) -> int:
+    import jax
+
+    from pf_jax.sampling import generate
+    from pf_jax.sampling.stops import cut_at_stops, unescape
+
+    config = _generation_config(args)
     show_phases()  # loading weights, dequantising, building kernels: one line each on stderr
     console = Console(stderr=True)
     timings: dict[str, float] = {}
@@ -138,11 +144,23 @@ def run(args: argparse.Namespace) -> int:
             result, texts = cut_at_stops(result, decode, [unescape(s) for s in args.stop], config.resolved(model).pad_token_id)
         timings["generate_s"] = time.perf_counter() - start
         progress.update(task, description="done")
+    samples = _samples(args, result, prompt_ids, texts)
+    timings["tokens_per_s"] = sum(s["num_tokens"] for s in samples) / timings["generate_s"]
+    if args.json:
+        print(json.dumps({"model": args.model, "seed": args.seed, "config": dataclasses.asdict(config),
+                          "samples": samples, "timing": timings}))
+    else:
+        _print_samples(samples, timings, console)
+    return 0
 
-    responses = result.response_token_lists()
+
+def _samples(args: argparse.Namespace, result, prompt_ids: list[list[int]], texts: list[str]) -> list[dict[str, Any]]:
+    """One record per sampled sequence: its prompt, text, tokens, finish reason and both log-probs."""
+    import numpy as np
+
     policy, sampled = np.asarray(result.policy_logprobs), np.asarray(result.sampling_logprobs)
     samples: list[dict[str, Any]] = []
-    for row, tokens in enumerate(responses):
+    for row, tokens in enumerate(result.response_token_lists()):
         prompt = int(result.prompt_index[row])
         samples.append({
             "prompt_index": prompt,
@@ -156,20 +174,18 @@ def run(args: argparse.Namespace) -> int:
             "policy_logprobs": policy[row, : len(tokens)].tolist(),
             "sampling_logprobs": sampled[row, : len(tokens)].tolist(),
         })
-    generated = sum(s["num_tokens"] for s in samples)
-    timings["tokens_per_s"] = generated / timings["generate_s"]
-    if args.json:
-        print(json.dumps({"model": args.model, "seed": args.seed, "config": dataclasses.asdict(config),
-                          "samples": samples, "timing": timings}))
-        return 0
+    return samples
+
+
+def _print_samples(samples: list[dict[str, Any]], timings: dict[str, float], console: Console) -> None:
     out = Console()
     for s in samples:
         out.rule(f"prompt {s['prompt_index']} · sample {s['sample']} · {s['num_tokens']} tokens · "
                  f"{s['finish_reason']} · log p = {sum(s['policy_logprobs']):.2f}")
         out.print(s["prompt"] + s["text"], highlight=False, markup=False)
+    generated = sum(s["num_tokens"] for s in samples)
     console.print(f"{generated} tokens in {timings['generate_s']:.2f}s ({timings['tokens_per_s']:.1f} tok/s, "
                   f"first call includes compilation); model load {timings['load_s']:.1f}s")
-    return 0
 
 
 if __name__ == "__main__":

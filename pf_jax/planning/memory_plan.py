@@ -190,22 +190,9 @@ def plan_memory(
     tx = build_optimizer(optimizer, total_steps=1000)
     params = abstract_params(cfg, param_dtype)
     num_params = sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params))
-    rows = [MemoryRow("policy parameters", *sharded_bytes(params, mesh, rules), f"{np.dtype(param_dtype).name} master")]
-    if lora is not None:  # the base is frozen (and is the reference); the adapters train
-        adapters, base = abstract_lora_params(cfg, param_dtype, lora)
-        kind = f"{lora.quantize} QLoRA" if lora.quantize else np.dtype(param_dtype).name
-        rows = [MemoryRow("frozen base", *sharded_bytes(base, mesh, rules), f"{kind}, also the reference"),
-                MemoryRow("LoRA adapters", *sharded_bytes(adapters, mesh, rules), f"rank {lora.rank}, trained")]
-        params, reference = adapters, False
-    opt_state = jax.eval_shape(tx.init, params)
-    if frozen_policy:  # optax.set_to_zero: no state for the policy's parameters
-        rows.append(MemoryRow("optimizer state", 0, 0, "none: the policy is frozen (only a head trains)"))
-    else:
-        rows.append(MemoryRow("optimizer state", *sharded_bytes(opt_state, mesh, rules),
-                              f"{optimizer.name}, mirrors the trained params"))
-    rows.append(MemoryRow("gradients", *sharded_bytes(params, mesh, rules),
-                          "estimate: one fp32 copy of the trained params during the update"))
-    if reference:
+    rows = trained_rows(cfg, mesh, rules, tx, optimizer.name, param_dtype=param_dtype, lora=lora,
+                        frozen_policy=frozen_policy)
+    if reference and lora is None:  # with LoRA the frozen base is the reference
         ref = abstract_params(cfg, reference_dtype)
         rows.append(MemoryRow("reference model", *sharded_bytes(ref, mesh, rules),
                               f"frozen, {np.dtype(reference_dtype).name}"))
@@ -223,6 +210,28 @@ def plan_memory(
                                               compute_dtype=compute_dtype, remat=remat, rules=rules)
     return MemoryPlan(name or f"{cfg.architecture} ({num_params / 1e9:.2f}B params)", num_params, mesh,
                       tuple(rows), temp, note)
+
+
+def trained_rows(cfg: ModelConfig, mesh: Mapping[str, int], rules: Rules, tx: Any, optimizer_name: str, *,
+                 param_dtype: Any, lora: Any, frozen_policy: bool) -> list[MemoryRow]:
+    """The policy's parameters (or LoRA's frozen base and adapters), the optimizer state of what trains and
+    its gradients."""
+    params = abstract_params(cfg, param_dtype)
+    rows = [MemoryRow("policy parameters", *sharded_bytes(params, mesh, rules), f"{np.dtype(param_dtype).name} master")]
+    if lora is not None:  # the base is frozen (and is the reference); the adapters train
+        adapters, base = abstract_lora_params(cfg, param_dtype, lora)
+        kind = f"{lora.quantize} QLoRA" if lora.quantize else np.dtype(param_dtype).name
+        rows = [MemoryRow("frozen base", *sharded_bytes(base, mesh, rules), f"{kind}, also the reference"),
+                MemoryRow("LoRA adapters", *sharded_bytes(adapters, mesh, rules), f"rank {lora.rank}, trained")]
+        params = adapters
+    if frozen_policy:  # optax.set_to_zero: no state for the policy's parameters
+        rows.append(MemoryRow("optimizer state", 0, 0, "none: the policy is frozen (only a head trains)"))
+    else:
+        rows.append(MemoryRow("optimizer state", *sharded_bytes(jax.eval_shape(tx.init, params), mesh, rules),
+                              f"{optimizer_name}, mirrors the trained params"))
+    rows.append(MemoryRow("gradients", *sharded_bytes(params, mesh, rules),
+                          "estimate: one fp32 copy of the trained params during the update"))
+    return rows
 
 
 def kv_cache_row(cfg: ModelConfig, kv_cache: tuple[int, int], kv_dtype: Any, mesh: Mapping[str, int],

@@ -61,6 +61,17 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return read_json_lines(Path(path))
 
 
+def _start_wandb(project: str | None, run_dir: Path, config: Mapping[str, Any] | None) -> Any:
+    try:
+        import wandb as wandb_module
+    except ImportError:
+        raise ConfigError(
+            "logging.wandb=true needs the 'wandb' package (pip install wandb); or set logging.wandb=false"
+        ) from None
+    return wandb_module.init(project=project, name=run_dir.name, dir=str(run_dir), config=dict(config or {}),
+                             resume="allow")
+
+
 class MetricsLogger:
     """Writes `log(step, metrics)` to every enabled sink; `close()` writes the summary and plots.
 
@@ -112,24 +123,18 @@ class MetricsLogger:
 
             self._tb = SummaryWriter(str(self.run_dir / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
         if wandb:
-            try:
-                import wandb as wandb_module
-            except ImportError:
-                raise ConfigError(
-                    "logging.wandb=true needs the 'wandb' package (pip install wandb); or set logging.wandb=false"
-                ) from None
-            self._wandb = wandb_module.init(
-                project=wandb_project, name=self.run_dir.name, dir=str(self.run_dir), config=dict(config or {}),
-                resume="allow",
-            )
+            self._wandb = _start_wandb(wandb_project, self.run_dir, config)
         if progress_bar:
-            self._progress = Progress(
-                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), StepRateColumn(),
-                TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
-            )
-            self._task = self._progress.add_task(self.run_dir.name, total=total_steps, completed=resume_step)
-            self._progress.start()
-            self._phases = _PhasesInBar(self._progress, self._task, self.run_dir.name)
+            self._start_progress(total_steps, resume_step)
+
+    def _start_progress(self, total_steps: int, resume_step: int) -> None:
+        self._progress = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), StepRateColumn(),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.console,
+        )
+        self._task = self._progress.add_task(self.run_dir.name, total=total_steps, completed=resume_step)
+        self._progress.start()
+        self._phases = _PhasesInBar(self._progress, self._task, self.run_dir.name)
 
     @classmethod
     def from_config(

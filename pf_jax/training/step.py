@@ -50,6 +50,27 @@ def all_finite(*trees: Any) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
+def accumulated_grads(grad_fn: Callable, params: Params, batch: Any, frozen: Params, key: jax.Array | None,
+                      microbatches: int):
+    """`grad_fn(params, batch, frozen, key)`'s ((loss, metrics), grads), averaged over `microbatches` slices
+    of the batch in one scan (the dropout key folded with the slice's index)."""
+    if microbatches == 1:
+        return grad_fn(params, batch, frozen, key)
+    mbs = split_microbatches(batch, microbatches)
+
+    def accumulate(carry, xs):
+        mb, i = xs
+        (loss_mb, m), g = grad_fn(params, mb, frozen, None if key is None else jax.random.fold_in(key, i))
+        return jax.tree_util.tree_map(jnp.add, carry, (loss_mb, m, g)), None
+
+    first = jax.tree_util.tree_map(lambda x: x[0], mbs)
+    shapes = jax.eval_shape(grad_fn, params, first, frozen, key)
+    (l0, m0), g0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (loss, metrics, grads), _ = jax.lax.scan(accumulate, (l0, m0, g0), (mbs, jnp.arange(microbatches)))
+    loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / microbatches, (loss, metrics, grads))
+    return (loss, metrics), grads
+
+
 def make_train_step(
     graphdefs: dict[str, nnx.GraphDef],
     loss_fn: LossFn,
@@ -85,23 +106,7 @@ def make_train_step(
     def step(state: TrainState, batch: Any, frozen: Params | None = None):
         frozen = frozen or {}
         key = jax.random.fold_in(state.rng, state.step) if dropout else None
-        if microbatches == 1:
-            (loss, metrics), grads = grad_fn(state.params, batch, frozen, key)
-        else:
-            mbs = split_microbatches(batch, microbatches)
-
-            def accumulate(carry, xs):
-                mb, i = xs
-                (loss_mb, m), g = grad_fn(state.params, mb, frozen, None if key is None else jax.random.fold_in(key, i))
-                return jax.tree_util.tree_map(jnp.add, carry, (loss_mb, m, g)), None
-
-            first = jax.tree_util.tree_map(lambda x: x[0], mbs)
-            shapes = jax.eval_shape(grad_fn, state.params, first, frozen, key)
-            (l0, m0), g0 = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-            zero = (l0, m0, g0)
-            (loss, metrics, grads), _ = jax.lax.scan(accumulate, zero, (mbs, jnp.arange(microbatches)))
-            loss, metrics, grads = jax.tree_util.tree_map(lambda x: x / microbatches, (loss, metrics, grads))
-
+        (loss, metrics), grads = accumulated_grads(grad_fn, state.params, batch, frozen, key, microbatches)
         updates, new_opt_state = tx.update(grads, state.opt_state, state.params)
         new_params = optax.apply_updates(state.params, updates)
         finite = all_finite(loss, grads, new_params, new_opt_state)
