@@ -13,8 +13,8 @@ from tests.subprocesses import run_in_process_group
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_sampler_benchmark_reports_both_implementations(tmp_path, dtype):
+@pytest.mark.parametrize("dtype", ["bfloat16"])  # float32 is the default every other sampler test runs; one run
+def test_sampler_benchmark_reports_both_implementations(tmp_path, dtype):  # of the script costs a minute
     out = tmp_path / "bench.json"
     command = [sys.executable, "benchmarks/bench_sampler.py", "--batch", "2", "--new-tokens", "3", "--repeats", "1",
                "--dtype", dtype, "--json", str(out)]
