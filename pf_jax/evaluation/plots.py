@@ -51,9 +51,14 @@ def plot_quality_diversity(points: Mapping[str, tuple[float, float]], path: str 
                            quality_label: str = "quality", diversity_label: str = "diversity",
                            title: str = "quality vs diversity") -> Path:
     """Scatter of (diversity, quality) per labelled setting; the Pareto front (both higher-is-better)
-    is drawn as a step line and its points are ringed."""
+    is drawn as a step line and its points are ringed. A diversity axis with no spread (every point at
+    the same x: one vertical line, which compares nothing) is refused."""
     if not points:
         raise ValueError("plot_quality_diversity: no points to plot")
+    xs = [x for x, _ in points.values()]
+    if len(xs) < 2 or max(xs) - min(xs) <= 1e-9:
+        raise ValueError(f"plot_quality_diversity: {diversity_label} is {xs[0]:.4g} for every point: a degenerate "
+                         "axis; pick a diversity measure that differs across methods")
     labels = list(points)
     xy = [points[label] for label in labels]
     front = pareto_front(xy)
