@@ -114,3 +114,29 @@ def test_plot_refuses_a_degenerate_axis(tmp_path):
         plot_quality_diversity({"base": (0.4, 0.3)}, tmp_path / "q.png")
     assert not (tmp_path / "q.png").exists()
     assert plot_quality_diversity({"base": (0.4, 0.3), "pf": (0.2, 0.5)}, tmp_path / "q.png").exists()
+
+
+def test_ema_is_debiased_and_follows_a_step():
+    from pf_jax.evaluation.plots import ema
+
+    np.testing.assert_allclose(ema([0.3] * 5), [0.3] * 5)  # no pull toward 0 at the start
+    smoothed = ema([0.0] * 5 + [1.0] * 20, weight=0.8)
+    assert smoothed[4] == 0.0 and 0.0 < smoothed[5] < smoothed[10] < 1.0 and smoothed[-1] > 0.98
+    assert smoothed[5] == pytest.approx(0.2 / (1 - 0.8**6))
+
+
+def test_distribution_report_and_curves(tmp_path):
+    from pf_jax.evaluation.report import write_distribution_report
+    from pf_jax.training.metrics import plot_curves
+
+    history = [{"step": s, "metrics": {"tv": 0.5 / (s + 1), "kl": 1.0 / (s + 1), "inversion_rate": 0.1,
+                                       "target_accuracy": 0.7, "policy_accuracy": 0.4 + 0.01 * s, "seconds": 1.0},
+                "intervals": {"tv": [0.4 / (s + 1), 0.6 / (s + 1)]}} for s in (0, 10, 20)]
+    console = Console(file=io.StringIO(), width=200)
+    paths = write_distribution_report(tmp_path / "eval", history, 4.0, console=console)
+    assert paths["plot"].read_bytes()[:4] == b"\x89PNG"
+    text = paths["markdown"].read_text()
+    assert "| tv | 0.500 [0.400, 0.600] | 0.024 [0.019, 0.029] |" in text and "seconds" not in text
+    records = [{"step": s, "time": 0.0, "loss": 1.0 / s} for s in range(1, 8)]
+    written = plot_curves(records, tmp_path / "plots")
+    assert [p.name for p in written] == ["loss.png", "curves.png"]

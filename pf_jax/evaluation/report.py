@@ -11,7 +11,13 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from pf_jax.evaluation.plots import pareto_front, plot_alpha_sweep, plot_pass_at_k, plot_quality_diversity
+from pf_jax.evaluation.plots import (
+    pareto_front,
+    plot_alpha_sweep,
+    plot_distribution_over_steps,
+    plot_pass_at_k,
+    plot_quality_diversity,
+)
 from pf_jax.evaluation.scoring import MethodResult
 
 # Columns shown when present, in this order; avg@n / maj@n / pass@n are found by prefix.
@@ -163,3 +169,30 @@ def _markdown(title: str, results: Sequence[MethodResult], labels: list[str], co
     lines.append("")
     lines += [f"![{name}]({p.name})" for name, p in paths.items() if p.suffix == ".png"]
     return "\n".join(lines) + "\n"
+
+
+def write_distribution_report(run_dir: str | Path, history: Sequence[dict[str, Any]], alpha: float,
+                              console: Console | None = None) -> dict[str, Path]:
+    """The distribution probe's record (training.evaluators.DistributionProbe): distribution.json (every
+    probe: step, metrics, intervals), distribution_match.png (the metrics over steps) and
+    distribution.md (first vs last probe with intervals); the same table printed to ``console``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"json": run_dir / "distribution.json", "plot": run_dir / "distribution_match.png",
+             "markdown": run_dir / "distribution.md"}
+    paths["json"].write_text(json.dumps({"alpha": alpha, "history": list(history)}, indent=1))
+    plot_distribution_over_steps(history, paths["plot"], title=f"distance to p_base^{alpha:g} on candidate sets")
+    first, last = history[0], history[-1]
+    names = [n for n in first["metrics"] if n != "seconds"]
+    table = Table(title=f"distribution matching (alpha = {alpha:g})")
+    lines = [f"# distribution matching, alpha = {alpha:g}", "", "[low, high]: 95% bootstrap interval over prompts.",
+             "", f"| metric | step {first['step']} | step {last['step']} |", "|---|---:|---:|"]
+    for column in ("metric", f"step {first['step']}", f"step {last['step']}"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for name in names:
+        cells = [_fmt(h["metrics"].get(name), h["intervals"].get(name)) for h in (first, last)]
+        table.add_row(name, *cells)
+        lines.append(f"| {name} | {cells[0]} | {cells[1]} |")
+    (console or Console()).print(table)
+    paths["markdown"].write_text("\n".join([*lines, "", f"![distribution]({paths['plot'].name})", ""]))
+    return paths
