@@ -142,6 +142,24 @@ def test_probe_in_the_trainer_scores_candidates_exactly(tmp_path):
     assert first["policy_accuracy"] == pytest.approx(first["base_accuracy"])
     assert first["inversion_rate"] == 0.0  # the same order as p_base, hence as p_base^4
     assert first["tv"] > 0 and first["kl"] > 0  # p_base is not p_base^4
+    # teacher forcing reproduces the sampler's exact log-probs of the same draws (draw_candidates' first call)
+    from pf_jax.evaluation.candidate_sets import draw_candidates
+    from pf_jax.sampling.texts import generation_config, sample_responses
+    from pf_jax.training.evaluators import held_out_problems, sequence_logprobs
+
+    base = trainer.models().reference_model()
+    problems, key = held_out_problems(cfg, 2), jax.random.key(5)
+    gen = generation_config(cfg.rollout, trainer.codec, temperature=1.0)
+    drawn = draw_candidates(base, trainer.codec, problems, 6, key, gen, probe.checker)
+    sampled, exact, _, _ = sample_responses(base, trainer.codec, [p.prompt for p in problems], 6,
+                                            jax.random.fold_in(key, 0), gen)
+    exact_sums = {(int(i) // 6, tuple(np.asarray(t)[np.asarray(m)])): float(np.sum(np.where(m, e, 0.0)))
+                  for i, (t, m, e) in enumerate(zip(sampled.response_tokens, sampled.response_mask, exact))}
+    scored = sequence_logprobs(base, drawn)
+    chunk = jax.tree_util.tree_map(lambda x: np.asarray(x[: drawn.sizes[0]]), drawn.chunks[0])
+    assert len(exact_sums) == drawn.sizes[0] == len(scored)
+    for p, t, m, s in zip(drawn.prompt_index, chunk.response_tokens, chunk.response_mask, scored):
+        assert s == pytest.approx(exact_sums[(int(p), tuple(t[m]))], abs=1e-4)
     trainer.train_one_step(0)
     trainer.probe_distribution(1, logger)
     later = trainer.distribution_history[1]["metrics"]
