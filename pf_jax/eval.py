@@ -202,7 +202,8 @@ def main(argv: Sequence[str] | None = None) -> list[MethodResult]:
     parser.add_argument("--ks", default=None, help="comma-separated k for pass@k (default powers of two)")
     parser.add_argument("--quality-metric", default=None, help="y axis of the Pareto plot (default avg@n)")
     parser.add_argument("--diversity-metric", default=None,
-                        help="x axis of the Pareto plot (default semantic_diversity when measured, else distinct_2)")
+                        help="x axis of the Pareto plot (default: the first measure that differs across methods; short "
+                             "answers: distinct_answers, answer_entropy; long text: distinct_2, distinct_1)")
     parser.add_argument("--run-dir", default="runs/eval")
     parser.add_argument("--title", default="evaluation")
     args = parser.parse_args(argv)

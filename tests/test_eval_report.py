@@ -95,7 +95,7 @@ def test_write_report_run_dir(tmp_path):
         results.append(evaluate_method("low-temperature", problems, arithmetic_sampler(1.0 / alpha), 8,
                                        jax.random.key(1), ExactIntegerChecker(),
                                        settings={"alpha": alpha, "temperature": 1.0 / alpha}))
-    console = Console(record=True, width=200, file=io.StringIO())
+    console = Console(record=True, width=400, file=io.StringIO())  # the metrics carry intervals
     paths = write_report(tmp_path / "run", results, title="arith", console=console)
     assert set(paths) == {"json", "pass_at_k", "quality_diversity", "alpha_sweep", "markdown"}
     for key in ("pass_at_k", "quality_diversity", "alpha_sweep"):

@@ -133,6 +133,11 @@ KEY_DOCS: dict[str, str] = {
     "eval.split": "split of eval.source (or data.source) that holds the held-out rows",
     "eval.source": "a separate held-out file or dataset (null: data.source)",
     "eval.fraction": "hold out this hash-chosen share of data.source's rows, left out of training",
+    "eval.distribution": "a GFlowNet policy's distance to p_base^alpha on candidate sets of held-out prompts",
+    "eval.distribution.enabled": "measure TV, KL and the inversion rate to the target (logged as dist/*)",
+    "eval.distribution.prompts": "held-out prompts whose candidate sets are scored",
+    "eval.distribution.samples": "base samples per prompt; their distinct responses are the candidate set",
+    "eval.distribution.every_steps": "probe every this many steps (and before the first, after the last)",
     # -- curriculum
     "curriculum": "how the instruction tasks' constraint levels are sampled",
     "curriculum.schedule": "uniform (every level) | linear (max level ramps up)",

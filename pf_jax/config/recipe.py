@@ -222,6 +222,20 @@ class EnvSection(Section):
     min_row_bucket: int = Field(32, ge=1)
 
 
+class DistributionSection(Section):
+    """The distribution-matching probe of a GFlowNet recipe (PowerFlow, TB, ...; pf_jax.evaluation.
+    distribution_match): on the first `prompts` held-out problems, `samples` base-model samples each give
+    the candidate set (the distinct responses); every `every_steps` steps (and before the first and after
+    the last) each candidate is scored by teacher forcing under the base and the policy, and the policy's
+    distribution on the set is compared with p_base^alpha (and its length-tilted fixed point) by total
+    variation, KL and the pairwise inversion rate, logged as dist/* metrics and plotted over steps."""
+
+    enabled: bool = False
+    prompts: int = Field(64, ge=1)
+    samples: int = Field(64, ge=2)
+    every_steps: int = Field(10, ge=1)
+
+
 class EvalSection(Section):
     """Held-out accuracy (avg@k, maj@k, pass@k) and diversity of the base and the trained policy.
 
@@ -238,6 +252,7 @@ class EvalSection(Section):
     split: str = "test"
     source: str | None = None
     fraction: float | None = Field(None, gt=0.0, lt=1.0)
+    distribution: DistributionSection = DistributionSection()
 
     @model_validator(mode="after")
     def _one_held_out_set(self) -> EvalSection:

@@ -4,6 +4,9 @@ All functions take per-problem arrays: ``correct: bool[P, n]`` (response j of pr
 for majority voting, ``answer_keys: list[list[str | None]]`` (the extracted final answers, already
 normalised by the checker; ``None`` = no answer found). They run on host numpy: the inputs come from
 string checkers, not from a jitted graph.
+
+Each metric is a mean over problems of a per-problem value (``*_per_problem``), so its uncertainty is
+given by ``bootstrap_interval``: a 95% percentile-bootstrap interval resampling problems.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy import stats
 
 
 def _check_k(k: int, n: int, what: str) -> None:
@@ -75,6 +79,14 @@ def pass_at_k_curve(correct: Sequence[Sequence[bool]] | np.ndarray, ks: Sequence
     return {int(k): float(pass_at_k(num_samples, num_correct, int(k)).mean()) for k in ks}
 
 
+def avg_per_problem(correct: Sequence[Sequence[bool]] | np.ndarray, k: int | None = None) -> np.ndarray:
+    """float64[P]: each problem's accuracy over its first k samples (k defaults to n)."""
+    matrix = _as_correct_matrix(correct, "avg_at_k")
+    k = matrix.shape[1] if k is None else k
+    _check_k(k, matrix.shape[1], "avg_at_k")
+    return matrix[:, :k].mean(axis=1)
+
+
 def avg_at_k(correct: Sequence[Sequence[bool]] | np.ndarray, k: int | None = None) -> float:
     """avg@k: mean accuracy over the first k samples of each problem, averaged over problems.
 
@@ -83,10 +95,33 @@ def avg_at_k(correct: Sequence[Sequence[bool]] | np.ndarray, k: int | None = Non
     Args:
       correct: bool[P, n]; k defaults to n.
     """
-    matrix = _as_correct_matrix(correct, "avg_at_k")
-    k = matrix.shape[1] if k is None else k
-    _check_k(k, matrix.shape[1], "avg_at_k")
-    return float(matrix[:, :k].mean())
+    return float(avg_per_problem(correct, k).mean())
+
+
+def pass_per_problem(correct: Sequence[Sequence[bool]] | np.ndarray, k: int) -> np.ndarray:
+    """float64[P]: each problem's unbiased pass@k (see ``pass_at_k``) from its n samples."""
+    matrix = _as_correct_matrix(correct, "pass_per_problem")
+    num_correct = matrix.sum(axis=1)
+    return pass_at_k(np.full_like(num_correct, matrix.shape[1]), num_correct, k)
+
+
+def bootstrap_interval(values: Sequence[float] | np.ndarray, confidence: float = 0.95, resamples: int = 2000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of per-problem values (scipy.stats.bootstrap, problems
+    resampled with replacement, ``resamples`` times, a fixed seed so a report is reproducible).
+
+    Degenerate cases give the point itself, (m, m): one problem, or every problem with the same value
+    (all right, all wrong), where every resample has the same mean.
+    """
+    v = np.asarray(values, dtype=np.float64).ravel()
+    if v.size == 0:
+        raise ValueError("bootstrap_interval: no values")
+    mean = float(v.mean())
+    if v.size < 2 or np.all(v == v[0]):
+        return mean, mean
+    res = stats.bootstrap((v,), np.mean, confidence_level=confidence, n_resamples=resamples,
+                          method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
 def majority_vote(answer_keys: Sequence[str | None],
@@ -129,6 +164,14 @@ def majority_at_k(answer_keys: Sequence[Sequence[str | None]], correct: Sequence
       answer_keys: [P][n] extracted answers; correct: bool[P, n]; k defaults to n.
       equivalent: answer equivalence used to merge votes (see ``majority_vote``).
     """
+    return float(majority_per_problem(answer_keys, correct, k, equivalent).mean())
+
+
+def majority_per_problem(answer_keys: Sequence[Sequence[str | None]], correct: Sequence[Sequence[bool]] | np.ndarray,
+                         k: int | None = None, equivalent: Callable[[str, str], bool] | None = None
+                         ) -> np.ndarray:
+    """float64[P]: 1 where the problem's majority answer over its first k samples is correct (see
+    ``majority_at_k``), else 0."""
     matrix = _as_correct_matrix(correct, "majority_at_k")
     if len(answer_keys) != matrix.shape[0] or any(len(row) != matrix.shape[1] for row in answer_keys):
         raise ValueError(f"majority_at_k: answer_keys must be [{matrix.shape[0]}][{matrix.shape[1]}] "
@@ -136,8 +179,8 @@ def majority_at_k(answer_keys: Sequence[Sequence[str | None]], correct: Sequence
                          f"{sorted({len(row) for row in answer_keys})}")
     k = matrix.shape[1] if k is None else k
     _check_k(k, matrix.shape[1], "majority_at_k")
-    wins = 0
+    wins = []
     for keys, row in zip(answer_keys, matrix):
         winner = majority_vote(list(keys)[:k], equivalent)
-        wins += int(winner is not None and bool(row[winner]))
-    return wins / matrix.shape[0]
+        wins.append(float(winner is not None and bool(row[winner])))
+    return np.asarray(wins)

@@ -1,4 +1,6 @@
-"""Diversity of a set of responses to one prompt: distinct-n, self-BLEU, semantic (embedding) diversity.
+"""Diversity of a set of responses to one prompt: distinct-n, self-BLEU, semantic (embedding) diversity,
+and for short-answer tasks (where n-gram measures are empty) the spread of the extracted final answers:
+distinct answers and answer entropy.
 
 Lexical metrics work on whitespace tokens (lower-cased), so they do not depend on any model's tokenizer.
 """
@@ -10,6 +12,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from scipy import stats
 
 
 def whitespace_tokens(text: str) -> list[str]:
@@ -75,3 +78,18 @@ def mean_pairwise_cosine_distance(embeddings: jax.Array) -> jax.Array:  # [N, D]
     n = embeddings.shape[0]
     off_diagonal_sum = jnp.sum(cosine) - jnp.trace(cosine)
     return 1.0 - off_diagonal_sum / (n * (n - 1))
+
+
+def distinct_answers(answer_keys: Sequence[str | None]) -> int:
+    """Number of distinct extracted answers among one problem's responses (None = no answer, not counted)."""
+    return len({key for key in answer_keys if key is not None})
+
+
+def answer_entropy(answer_keys: Sequence[str | None]) -> float:
+    """Entropy in nats of the empirical distribution of one problem's extracted answers (responses with
+    no answer left out; 0.0 when at most one distinct answer was given):
+
+        H = -sum_a f_a log f_a,   f_a = #{j : answer_j = a} / #{j : answer_j is not None}
+    """
+    counts = np.unique([key for key in answer_keys if key is not None], return_counts=True)[1]
+    return float(stats.entropy(counts)) if counts.size > 1 else 0.0

@@ -3,7 +3,8 @@ global state, so importing this never changes a notebook's backend).
 
 - pass@k curves across methods (log2 k axis);
 - quality vs diversity across methods / alphas / temperatures, with the Pareto front marked;
-- alpha sweep: metrics against alpha, one line per method family.
+- alpha sweep: metrics against alpha, one line per method family;
+- distribution matching over training steps (distances to the target, set accuracies), with intervals.
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 
 def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
@@ -51,9 +54,14 @@ def plot_quality_diversity(points: Mapping[str, tuple[float, float]], path: str 
                            quality_label: str = "quality", diversity_label: str = "diversity",
                            title: str = "quality vs diversity") -> Path:
     """Scatter of (diversity, quality) per labelled setting; the Pareto front (both higher-is-better)
-    is drawn as a step line and its points are ringed."""
+    is drawn as a step line and its points are ringed. A diversity axis with no spread (every point at
+    the same x: one vertical line, which compares nothing) is refused."""
     if not points:
         raise ValueError("plot_quality_diversity: no points to plot")
+    xs = [x for x, _ in points.values()]
+    if len(xs) < 2 or max(xs) - min(xs) <= 1e-9:
+        raise ValueError(f"plot_quality_diversity: {diversity_label} is {xs[0]:.4g} for every point: a degenerate "
+                         "axis; pick a diversity measure that differs across methods")
     labels = list(points)
     xy = [points[label] for label in labels]
     front = pareto_front(xy)
@@ -94,6 +102,50 @@ def plot_alpha_sweep(series: Mapping[str, Mapping[float, Mapping[str, float]]], 
     axes[0][0].legend(fontsize=8)
     fig.suptitle(title)
     return _save(fig, path)
+
+
+# Panels of the distribution-matching plot: (title, metrics drawn in it).
+DISTRIBUTION_PANELS = (
+    ("total variation to the target", ("tv", "tv_tilted")),
+    ("KL(target || policy), nats", ("kl", "kl_tilted")),
+    ("pairwise inversion rate", ("inversion_rate", "inversion_rate_tilted")),
+    ("accuracy on the candidate set", ("target_accuracy", "tilted_accuracy", "policy_accuracy")),
+)
+
+
+def plot_distribution_over_steps(history: Sequence[Mapping], path: str | Path,
+                                 title: str = "distance to p_base^alpha") -> Path:
+    """One panel per group of DISTRIBUTION_PANELS: each metric against the training step, with its 95%
+    interval over prompts as a band. history: [{"step", "metrics": {...}, "intervals": {name: [lo, hi]}}]."""
+    if not history:
+        raise ValueError("plot_distribution_over_steps: no probes to plot")
+    steps = [h["step"] for h in history]
+    fig = Figure(figsize=(4.2 * len(DISTRIBUTION_PANELS), 3.6))
+    axes = fig.subplots(1, len(DISTRIBUTION_PANELS))
+    for ax, (panel, names) in zip(axes, DISTRIBUTION_PANELS):
+        for name in names:
+            if name not in history[0]["metrics"]:
+                continue
+            ax.plot(steps, [h["metrics"][name] for h in history], marker="o", ms=3, label=name)
+            band = [h["intervals"].get(name, (np.nan, np.nan)) for h in history]
+            ax.fill_between(steps, [b[0] for b in band], [b[1] for b in band], alpha=0.2)
+        ax.set(title=panel, xlabel="step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def ema(values: Sequence[float], weight: float = 0.8) -> np.ndarray:
+    """Exponential moving average, debiased like TensorBoard's smoothing: s_t = w s_{t-1} + (1 - w) x_t,
+    divided by 1 - w^t so the first points are not pulled toward 0."""
+    x = np.asarray(values, np.float64)
+    out, acc = np.empty_like(x), 0.0
+    for t, value in enumerate(x, start=1):
+        acc = weight * acc + (1 - weight) * value
+        out[t - 1] = acc / (1 - weight**t)
+    return out
 
 
 def _save(fig: Figure, path: str | Path) -> Path:

@@ -21,9 +21,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pf_jax.evaluation.accuracy import avg_at_k, majority_at_k, pass_at_k_curve
+from pf_jax.evaluation.accuracy import (
+    avg_per_problem,
+    bootstrap_interval,
+    majority_per_problem,
+    pass_at_k_curve,
+    pass_per_problem,
+)
 from pf_jax.evaluation.answer_checkers import AnswerChecker
-from pf_jax.evaluation.diversity import distinct_n, mean_pairwise_cosine_distance, self_bleu
+from pf_jax.evaluation.diversity import (
+    answer_entropy,
+    distinct_answers,
+    distinct_n,
+    mean_pairwise_cosine_distance,
+    self_bleu,
+    whitespace_tokens,
+)
 
 GenerateFn = Callable[[Sequence[str], int, jax.Array], Sequence[Sequence[str]]]
 """generate(prompts [P], n, rng) -> texts [P][n]: n sampled responses per prompt."""
@@ -52,10 +65,12 @@ class MethodResult:
     answer_keys: list[list[str | None]]
     metrics: dict[str, float] = field(default_factory=dict)
     pass_at_k: dict[int, float] = field(default_factory=dict)
+    intervals: dict[str, tuple[float, float]] = field(default_factory=dict)  # 95% bootstrap over problems
 
     def to_json(self, include_responses: bool = True) -> dict[str, Any]:
         out: dict[str, Any] = {
             "name": self.name, "settings": self.settings, "metrics": self.metrics,
+            "intervals": {k: list(v) for k, v in self.intervals.items()},
             "pass_at_k": {str(k): v for k, v in self.pass_at_k.items()},
             "num_problems": int(self.correct.shape[0]), "samples_per_problem": int(self.correct.shape[1]),
         }
@@ -70,7 +85,8 @@ class MethodResult:
         """A result read back from `to_json(include_responses=False)`: metrics and pass@k, no responses."""
         return cls(name=data["name"], settings=data["settings"], responses=[],
                    correct=np.zeros((data["num_problems"], data["samples_per_problem"]), bool), answer_keys=[],
-                   metrics=data["metrics"], pass_at_k={int(k): v for k, v in data["pass_at_k"].items()})
+                   metrics=data["metrics"], pass_at_k={int(k): v for k, v in data["pass_at_k"].items()},
+                   intervals={k: tuple(v) for k, v in data.get("intervals", {}).items()})
 
 
 def diversity_metrics(texts_per_prompt: Sequence[Sequence[str]], embedder: Embedder | None = None
@@ -81,6 +97,7 @@ def diversity_metrics(texts_per_prompt: Sequence[Sequence[str]], embedder: Embed
     out = {
         "distinct_1": float(np.mean([distinct_n(t, 1) for t in rows])),
         "distinct_2": float(np.mean([distinct_n(t, 2) for t in rows])),
+        "words_per_response": float(np.mean([len(whitespace_tokens(t)) for r in rows for t in r])),
     }
     if all(len(t) >= 2 for t in rows):
         out["self_bleu"] = float(np.mean([self_bleu(t) for t in rows]))
@@ -96,7 +113,9 @@ def score_responses(name: str, problems: Sequence[Problem], responses: Sequence[
     """Check every response and compute accuracy and diversity.
 
     metrics: avg@n, maj@n (votes merged by ``checker.equivalent``), pass@1 and pass@n, answer_rate
-    (share of responses with an extractable answer), distinct-1/2, self-BLEU, semantic diversity.
+    (share of responses with an extractable answer), distinct answers per problem and answer entropy
+    (nats), distinct-1/2, self-BLEU, semantic diversity. intervals: a 95% bootstrap interval over problems
+    (``accuracy.bootstrap_interval``) of every metric that is a mean of per-problem values.
     """
     if len(responses) != len(problems):
         raise ValueError(f"score_responses({name!r}): {len(responses)} response lists for "
@@ -110,16 +129,20 @@ def score_responses(name: str, problems: Sequence[Problem], responses: Sequence[
                         for problem, texts in zip(problems, responses)], dtype=bool)
     keys = [[checker.extract(text) for text in texts] for texts in responses]
     curve = pass_at_k_curve(correct, ks)
-    metrics = {
-        f"avg@{n}": avg_at_k(correct),
-        f"maj@{n}": majority_at_k(keys, correct, equivalent=checker.equivalent),
-        "pass@1": curve.get(1, float(correct.mean())),
-        f"pass@{n}": float(correct.any(axis=1).mean()),
-        "answer_rate": float(np.mean([[k is not None for k in row] for row in keys])),
-        **diversity_metrics(responses, embedder),
+    per_problem = {
+        f"avg@{n}": avg_per_problem(correct),
+        f"maj@{n}": majority_per_problem(keys, correct, equivalent=checker.equivalent),
+        "pass@1": pass_per_problem(correct, 1),
+        f"pass@{n}": pass_per_problem(correct, n),
+        "distinct_answers": np.array([distinct_answers(row) for row in keys], float),
+        "answer_entropy": np.array([answer_entropy(row) for row in keys], float),
     }
+    metrics = {name: float(values.mean()) for name, values in per_problem.items()}
+    metrics["answer_rate"] = float(np.mean([[k is not None for k in row] for row in keys]))
+    metrics.update(diversity_metrics(responses, embedder))
+    intervals = {name: bootstrap_interval(values) for name, values in per_problem.items()}
     return MethodResult(name=name, settings=dict(settings or {}), responses=[list(r) for r in responses],
-                        correct=correct, answer_keys=keys, metrics=metrics, pass_at_k=curve)
+                        correct=correct, answer_keys=keys, metrics=metrics, pass_at_k=curve, intervals=intervals)
 
 
 def evaluate_method(name: str, problems: Sequence[Problem], generate: GenerateFn, n: int, rng: jax.Array,

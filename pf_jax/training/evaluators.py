@@ -5,6 +5,8 @@ after training, chosen once for the recipe's task.
                           eval.temperature, checked by the task's answer checker: avg@k, maj@k, pass@k,
                           diversity (pf_jax.evaluation.scoring)
     InstructionEvaluator  the instruction reward on held-out instructions (pf_jax.tasks.instructions)
+    DistributionProbe     a GFlowNet recipe's distance to its target p_base^alpha on candidate sets of
+                          held-out prompts (eval.distribution; pf_jax.evaluation.distribution_match)
 
 An evaluator is called with a model and a key and takes no trainer: what it reads is given when it is made.
 """
@@ -12,19 +14,26 @@ An evaluator is called with a model and a key and takes no trainer: what it read
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
 
 from pf_jax.config import DataConfig
 from pf_jax.config.recipe import TrainConfig
 from pf_jax.data.codec import TextCodec
 from pf_jax.data.holdout import split_held_out
 from pf_jax.evaluation.answer_checkers import AnswerChecker
+from pf_jax.evaluation.candidate_sets import CandidateSet, draw_candidates
+from pf_jax.evaluation.distribution_match import distribution_match
 from pf_jax.evaluation.scoring import MethodResult, Problem, score_responses
 from pf_jax.methods.compose import Composition
+from pf_jax.methods.scoring import Scorer
 from pf_jax.models.decoder import Decoder
 from pf_jax.rewards.text_rewards import RewardFn
 from pf_jax.sampling.texts import generation_config, sample_texts
@@ -49,12 +58,7 @@ class HeldOutAccuracy:
 
     def problems(self) -> list[Problem]:
         """The first eval.problems held-out rows (held_out_source), with their reference answers."""
-        data, fraction = held_out_source(self.cfg)
-        rows = list(load_prompt_rows(data).rows)
-        if fraction is not None:
-            rows = split_held_out(rows, fraction)[1]
-        rows = rows[: self.cfg.eval.problems]
-        return [Problem(r["prompt"], r["answer"], str(i)) for i, r in enumerate(rows)]
+        return held_out_problems(self.cfg, self.cfg.eval.problems)
 
     def __call__(self, name: str, model: Decoder, *, key: jax.Array) -> MethodResult:
         e, problems = self.cfg.eval, self.problems()
@@ -78,6 +82,79 @@ class InstructionEvaluator:
     def __call__(self, name: str, model: Decoder, *, key: jax.Array) -> None:
         """Writes <run_dir>/instruction_eval_<name>.json; no accuracy table to report."""
         evaluate_instruction_reward(name, model, self.codec, self.reward, self.cfg, self.run_dir, key=key)
+
+
+@dataclass
+class DistributionProbe:
+    """How far the policy is from the GFlowNet target p_base^alpha (and, for length-aware TB, its
+    length-tilted fixed point) on the candidate sets of eval.distribution.prompts held-out prompts. The
+    candidates (eval.distribution.samples base samples per prompt at T = 1) and their base log-probs are
+    drawn once, at the first call; every call then scores them under the policy (teacher forcing).
+    Returns (metrics, 95% intervals over prompts); metrics["seconds"] is the call's wall time."""
+
+    cfg: TrainConfig
+    codec: TextCodec
+    checker: AnswerChecker
+    alpha: float
+    length_tilt: bool
+    candidates: CandidateSet | None = None
+    base_logp: np.ndarray | None = None
+
+    def due(self, step: int, last: bool) -> bool:
+        return last or step % self.cfg.eval.distribution.every_steps == 0
+
+    def __call__(self, policy: Decoder, base: Decoder) -> tuple[dict[str, float], dict[str, tuple[float, float]]]:
+        began = time.perf_counter()
+        chunk = self.cfg.model.logprob_chunk
+        if self.candidates is None:
+            d = self.cfg.eval.distribution
+            _PHASE.info("distribution probe: %d held-out prompts x %d base samples", d.prompts, d.samples)
+            problems = held_out_problems(self.cfg, d.prompts)
+            gen = generation_config(self.cfg.rollout, self.codec, temperature=1.0)
+            key = jax.random.fold_in(jax.random.key(self.cfg.seed), 2 * 10**9)
+            self.candidates = draw_candidates(base, self.codec, problems, d.samples, key, gen, self.checker)
+            self.base_logp = sequence_logprobs(base, self.candidates, chunk)
+        policy_logp = sequence_logprobs(policy, self.candidates, chunk)
+        sets = self.candidates.per_prompt(self.base_logp, policy_logp)
+        metrics, intervals = distribution_match(sets, self.alpha, self.length_tilt)
+        metrics["seconds"] = time.perf_counter() - began
+        return metrics, intervals
+
+
+def sequence_logprobs(model: Decoder, candidates: CandidateSet, chunk_size: int = 128) -> np.ndarray:
+    """float64[C]: log p(y | q) of every candidate under ``model`` by teacher forcing (the trainer's
+    jitted scorer, methods.scoring.Scorer), summed over its response tokens."""
+    graphdef, params = nnx.split(model)
+    scorer = Scorer(graphdef, chunk_size)
+    out = []
+    for seq, size in zip(candidates.chunks, candidates.sizes):
+        logp = scorer.logprobs(params, seq)
+        out.append(np.asarray(jnp.sum(jnp.where(seq.response_mask, logp, 0.0), axis=1), np.float64)[:size])
+    return np.concatenate(out)
+
+
+def distribution_probe_for(cfg: TrainConfig, composition: Composition, codec: TextCodec) -> DistributionProbe | None:
+    """The recipe's DistributionProbe when eval.distribution.enabled, the objective has a target exponent
+    (the GFlowNet family) and the task has reference answers on held-out rows; else None (with a note)."""
+    if not (cfg.eval.enabled and cfg.eval.distribution.enabled):
+        return None
+    alpha = getattr(composition.objective, "alpha", None)
+    checker = heldout_checker(cfg.reward.name, cfg.data.source)
+    why = ("the method has no target p_base^alpha" if alpha is None else
+           "the task has no reference answers to check" if checker is None else scores_training_rows(cfg))
+    if why is not None:
+        print(f"[pf_jax] no distribution probe (eval.distribution): {why}")
+        return None
+    return DistributionProbe(cfg, codec, checker, float(alpha), bool(getattr(composition.objective, "per_token", False)))
+
+
+def held_out_problems(cfg: TrainConfig, limit: int) -> list[Problem]:
+    """The first `limit` held-out rows (held_out_source), with their reference answers."""
+    data, fraction = held_out_source(cfg)
+    rows = list(load_prompt_rows(data).rows)
+    if fraction is not None:
+        rows = split_held_out(rows, fraction)[1]
+    return [Problem(r["prompt"], r["answer"], str(i)) for i, r in enumerate(rows[:limit])]
 
 
 def held_out_source(cfg: TrainConfig) -> tuple[DataConfig, float | None]:

@@ -262,8 +262,24 @@ class _PhasesInBar(logging.Handler):
             self.progress.update(self.task, description=self.name)
 
 
+def _curve(ax: Any, name: str, steps: list[int], values: list[float]) -> None:
+    """The raw points, faint, under their EMA-smoothed line (evaluation.plots.ema); integer step ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    from pf_jax.evaluation.plots import ema
+
+    ax.plot(steps, values, marker="o", ms=2.5, lw=0.6, alpha=0.35, color="tab:blue", label="raw")
+    if len(values) > 2:
+        ax.plot(steps, ema(values), lw=1.8, color="tab:blue", label="EMA 0.8")
+        ax.legend(fontsize=6)
+    ax.set(xlabel="step", title=name)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+
+
 def plot_curves(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
-    """One PNG per metric (`<metric>.png`, '/' in names becomes '_') and `curves.png` with all of them."""
+    """One PNG per metric (`<metric>.png`, '/' in names becomes '_') and `curves.png` with all of them:
+    raw points with an EMA-smoothed line, integer step ticks."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -278,9 +294,7 @@ def plot_curves(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     written = []
     for name, (steps, values) in series.items():
         fig, ax = plt.subplots(figsize=(5, 3.2))
-        ax.plot(steps, values)
-        ax.set(xlabel="step", title=name)
-        ax.grid(alpha=0.3)
+        _curve(ax, name, steps, values)
         path = out_dir / f"{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}.png"
         fig.tight_layout()
         fig.savefig(path, dpi=100)
@@ -290,9 +304,7 @@ def plot_curves(history: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     rows = math.ceil(len(series) / cols) or 1
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3 * rows), squeeze=False)
     for ax, (name, (steps, values)) in zip(axes.flat, series.items()):
-        ax.plot(steps, values)
-        ax.set(title=name, xlabel="step")
-        ax.grid(alpha=0.3)
+        _curve(ax, name, steps, values)
     for ax in list(axes.flat)[len(series) :]:
         ax.axis("off")
     fig.tight_layout()

@@ -42,7 +42,7 @@ from pf_jax.training.checkpoint import (
     check_base,
     restore_data_position,
 )
-from pf_jax.training.evaluators import evaluator_for
+from pf_jax.training.evaluators import distribution_probe_for, evaluator_for
 from pf_jax.training.export_files import export_modules, finish_export
 from pf_jax.training.guards import SkipGuard, check_prompts_fit
 from pf_jax.training.metrics import MetricsLogger
@@ -93,6 +93,8 @@ class Trainer:
         self.scorer = Scorer(self.graphdefs["policy"], cfg.model.logprob_chunk)
         self.responses = response_source(cfg, composition, self.codec, self.scorer, self.reward)
         self.evaluator = evaluator_for(cfg, composition, self.codec, self.reward, self.run_dir)
+        self.distribution = distribution_probe_for(cfg, composition, self.codec)
+        self.distribution_history: list[dict[str, Any]] = []
 
     def _place(self, update: Any) -> None:
         """More than one device: state on the mesh, step jitted with explicit shardings (placement.py)."""
@@ -220,6 +222,15 @@ class Trainer:
             return None
         return self.evaluator(name, self.models().sampler_model(), key=key)
 
+    def probe_distribution(self, step: int, logger: MetricsLogger) -> None:
+        """eval.distribution: the policy's distance to its target on the candidate sets, logged as dist/*
+        at `step` (0: the base model) and kept in distribution_history."""
+        models = self.models()
+        metrics, intervals = self.distribution(models.policy(), models.reference_model())
+        logger.log(step, {f"dist/{k}": v for k, v in metrics.items()})
+        self.distribution_history.append({"step": step, "metrics": metrics,
+                                          "intervals": {k: list(v) for k, v in intervals.items()}})
+
     def export(self, modules: dict[str, nnx.Module] | None = None) -> Path:
         """What the run delivers, written by process 0 into run_dir/export: the objective's deliverable (the
         policy as HF safetensors + tokenizer, or the classifier); with LoRA the PEFT adapter in
@@ -250,6 +261,8 @@ class Trainer:
             evaluation = self._evaluate_base(start)
             logger = MetricsLogger.from_config(self.cfg.logging, self.cfg.steps, process_index=self.process_index,
                                                resume_step=start, config=self.cfg.model_dump())
+            if self.distribution is not None and start == 0:
+                self.probe_distribution(0, logger)
             done, completed = self._train(checkpointer, logger, start)
         result = RunResult(self.run_dir, done, completed, logger.close())
         if completed:
@@ -314,6 +327,8 @@ class Trainer:
                     mid = self.evaluate(f"step{done}", key=self.eval_key())
                     if mid is not None:
                         logger.log(done, {f"eval/{k}": v for k, v in mid.metrics.items()})
+                if self.distribution is not None and self.distribution.due(done, last):
+                    self.probe_distribution(done, logger)
         return done, completed
 
     def _finish(self, result: RunResult, evaluation: dict[str, MethodResult]) -> None:
@@ -323,6 +338,10 @@ class Trainer:
         if self.cfg.export.enabled:
             result.export_dir = self.export(modules)
         result.summary.update(self.objective.final_metrics(modules, self.codec, self.cfg, self.run_dir))
+        if self.distribution_history and self.process_index == 0:
+            from pf_jax.evaluation.report import write_distribution_report
+
+            write_distribution_report(self.run_dir / "eval", self.distribution_history, self.distribution.alpha)
         name = self.cfg.method.name
         final = self.evaluate(name, key=self.eval_key())
         if final is None:
