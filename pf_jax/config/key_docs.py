@@ -86,6 +86,8 @@ KEY_DOCS: dict[str, str] = {
     "rollout.min_p": "drop tokens below min_p x the top probability (0: off)",
     "rollout.max_new_tokens": "longest response",
     "rollout.stop": "stop strings, matched on the decoded text across tokens; the response ends with the first",
+    "rollout.batching": "static (one batch until the longest ends) | continuous (ended rows take waiting samples)",
+    "rollout.slots": "continuous batching: rows decoded at once (null: one per sample)",
     "rollout.updates_per_batch": "optimizer passes over each rollout batch",
     "rollout.minibatches": "minibatches per pass (one update each)",
     # -- optimizer

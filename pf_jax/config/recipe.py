@@ -124,7 +124,15 @@ class ModelSection(Section):
 
 
 class RolloutSection(Section):
-    """How responses are sampled from a policy and how often each rollout batch is reused."""
+    """How responses are sampled from a policy and how often each rollout batch is reused.
+
+    batching: `static` decodes every sample of a rollout in one batch until the longest ends;
+    `continuous` decodes `slots` rows at a time and gives a row whose sample ended (EOS, a stop token,
+    max_new_tokens) to the next waiting sample (pf_jax.sampling.continuous). Its draws are keyed per
+    sample, so its samples differ from static's for the same seed; they do not depend on `slots`.
+    slots: rows decoded at once with continuous batching (null: one per sample); their KV cache must fit
+    in memory.
+    """
 
     prompts_per_step: int = Field(16, ge=1)
     samples_per_prompt: int = Field(8, ge=1)
@@ -136,6 +144,15 @@ class RolloutSection(Section):
     updates_per_batch: int = Field(1, ge=1)
     minibatches: int = Field(1, ge=1)
     stop: list[str] = Field(default_factory=list)
+    batching: Literal["static", "continuous"] = "static"
+    slots: int | None = None
+
+    @field_validator("slots")
+    @classmethod
+    def _slots_positive(cls, slots: int | None) -> int | None:
+        if slots is not None and slots <= 0:
+            raise ValueError(f"rollout.slots (rows decoded at once) must be >= 1, got {slots}")
+        return slots
 
     @field_validator("stop")
     @classmethod

@@ -20,7 +20,7 @@ from flax import nnx
 from jax import Array
 
 from pf_jax.models.config import ModelConfig, rope_inverse_frequencies
-from pf_jax.models.kv_cache import KVCache
+from pf_jax.models.kv_cache import KVCache, write_slots
 from pf_jax.models.lora import (
     EMBEDDING,
     LoraSpec,
@@ -212,11 +212,10 @@ class Decoder(nnx.Module):
             index, k_valid, k_positions, kv_slots = 0, valid, positions, jnp.arange(t)
         else:
             index = cache.index
-            k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
-            k_positions = jax.lax.dynamic_update_slice(cache.positions, positions, (0, index))
+            k_valid, k_positions = cache.write(cache.valid, valid), cache.write(cache.positions, positions)
             kv_slots = jnp.arange(cache.max_len)
-        q_slots = index + jnp.arange(t)
-        causal = k_valid[:, None, :] & (kv_slots[None, None, :] <= q_slots[None, :, None])  # [B, T, S]
+        q_slots = jnp.reshape(index, (-1, 1)) + jnp.arange(t)  # [1, T], or [B, T] with a per-row index
+        causal = k_valid[:, None, :] & (kv_slots[None, None, :] <= q_slots[:, :, None])  # [B, T, S]
         segments = valid.astype(jnp.int32)
         if segment_ids is not None:
             if cache is not None:
@@ -310,8 +309,8 @@ class _LayerPass:
         if k_all is None:
             a = ops.self_attention(q, k, v, self.mask, window, scale=scale, softcap=softcap)
         else:
-            k_all = jax.lax.dynamic_update_slice(k_all, k[None].astype(k_all.dtype), (layer, 0, self.index, 0, 0))
-            v_all = jax.lax.dynamic_update_slice(v_all, v[None].astype(v_all.dtype), (layer, 0, self.index, 0, 0))
+            k_all = write_slots(k_all, k.astype(k_all.dtype), self.index, layer)
+            v_all = write_slots(v_all, v.astype(v_all.dtype), self.index, layer)
             a = ops.cached_attention(q, k, v, k_all, v_all, layer, self.mask, window, fresh=self.fresh, scale=scale,
                                      softcap=softcap)
         return self.adapted(ops.out(a, p, layer), a, p, "o", layer), k_all, v_all

@@ -30,6 +30,8 @@ from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.prompts import bucket_length, left_pad
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
 
+BATCHING = ("static", "continuous")
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
@@ -39,6 +41,12 @@ class GenerationConfig:
     (finish reason "eos") or a stop id ("stop"), or after max_new_tokens ("length"). Before
     min_new_tokens tokens, EOS and stop ids are excluded from the sampling distribution (as in
     transformers), which changes sampling_logprobs but not policy_logprobs.
+
+    batching "continuous" decodes `slots` rows at a time and refills a row with the next waiting sample
+    as soon as its sample ends (pf_jax.sampling.continuous). Its draws are keyed per sample
+    (sample_keys): token j of sample m (row m of the result) draws with fold_in(fold_in(key, m), j), so
+    they do not depend on the slot; a static run with sample_keys=True returns the same samples. The
+    static default keys step i's draws of the whole batch with fold_in(key, i).
     """
 
     max_new_tokens: int = 64
@@ -49,6 +57,9 @@ class GenerationConfig:
     pad_token_id: int | None = None  # None: the model's pad id, else 0
     min_prompt_bucket: int = 16
     stop_strings: tuple[str, ...] = ()  # cut on the decoded text afterwards (pf_jax.sampling.stops)
+    batching: str = "static"  # "static": one batch of every sample; "continuous": pf_jax.sampling.continuous
+    slots: int | None = None  # continuous: rows decoded at once (None: one per sample)
+    sample_keys: bool = False  # draws keyed by (key, sample id, token index), as continuous batching's are
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -56,6 +67,11 @@ class GenerationConfig:
         if not 0 <= self.min_new_tokens <= self.max_new_tokens:
             raise ValueError(f"min_new_tokens must be in [0, max_new_tokens={self.max_new_tokens}], "
                              f"got {self.min_new_tokens}")
+        if self.batching not in BATCHING:
+            raise ConfigError(f"batching must be one of {', '.join(BATCHING)}, got {self.batching!r}")
+        if self.slots is not None and self.slots < 1:
+            raise ConfigError(f"slots (rows decoded at once) must be >= 1, got {self.slots}",
+                              hint="set rollout.slots to a positive count, or leave it out for one per sample")
         if not isinstance(self.sampling, SamplingParams):
             raise TypeError(f"GenerationConfig.sampling must be a SamplingParams, got {type(self.sampling).__name__}")
 
@@ -74,7 +90,7 @@ class GenerationConfig:
 
 
 def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, config: GenerationConfig = GenerationConfig(),
-             *, n: int = 1) -> SampleResult:
+             *, n: int = 1, first_sample: int = 0) -> SampleResult:
     """Sample n continuations of each prompt (token-id lists). The prompts are left-padded to a
     power-of-two bucket and prefilled once; the cache is repeated n times for the samples.
 
@@ -85,18 +101,27 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
     Weights on a mesh of several devices: the rows are split over its batch axes (see
     pf_jax.sampling.layout); the result is the same as on one device.
     Reproducible: the same weights, prompts, key and config give the same result.
+    first_sample: the sample id of row 0 for per-sample keys (config.sample_keys, continuous batching):
+    calls over consecutive chunks of a prompt list, each passing its first row's index in the whole,
+    draw the samples one call over the whole list draws (with the prefill batched otherwise, its float
+    rounding may differ, and a near-tie may then go the other way).
     """
     if n < 1:
         raise ValueError(f"n (samples per prompt) must be >= 1, got {n}")
     config = dataclasses.replace(config, stop_strings=())  # text-level, applied by the caller: not a new program
     if model.scan_layers:
         model = with_layer_layout(model, scan_layers=False)
+    if config.batching == "continuous":
+        from pf_jax.sampling.continuous import continuous_generate  # it builds on this module's pieces
+
+        return continuous_generate(model, prompts, key, config, n=n, first_sample=first_sample)
     config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, n)
     hidden, cache = prefill(graphdef, state, *layout.place_rows((tokens, mask)),
                              cache_len=tokens.shape[1] + config.max_new_tokens, n=n, layout=layout)
     prompt_lengths = layout.place_rows(np.repeat(mask.sum(-1), n).astype(np.int32))
     packed = decode_packing(model, layout, hidden.shape[0])
-    out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, packed, config=config, layout=layout)
+    out, _ = _decode(graphdef, state, hidden, cache, prompt_lengths, key, packed, jnp.int32(first_sample),
+                     config=config, layout=layout)
     return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n)
 
 
@@ -172,13 +197,15 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, tokens: Array, mask: Array
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout"), donate_argnames=("cache",))
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCache, prompt_lengths: Array,
-            key: Array, packed: tuple[dict[str, Array], ...] | None = None, *, config: GenerationConfig,
+            key: Array, packed: tuple[dict[str, Array], ...] | None = None, first_sample: Array | int = 0, *,
+            config: GenerationConfig,
             layout: RowLayout) -> tuple[dict[str, Array], KVCache]:
     """Emit up to max_new_tokens tokens per row in a lax.while_loop that stops once every row has ended.
 
     hidden: [N, D] state after the last prompt token; prompt_lengths: int32 [N] real prompt tokens (the
     RoPE position of response token j is prompt_length + j); packed: the projections for
-    pf_jax.kernels.matmul_packed (decode_packing), or None; the steps' implementation is
+    pf_jax.kernels.matmul_packed (decode_packing), or None; first_sample: the sample id of row 0 (with
+    config.sample_keys); the steps' implementation is
     `layout.decode_ops(model, packed)`. Returns SampleResult's response fields and
     the final cache (returned so that the donated input cache is updated in place, not copied).
     """
@@ -186,16 +213,16 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
     ops = layout.decode_ops(model.ops.on_mesh(layout.mesh), packed)
     batch, steps, pad = hidden.shape[0], config.max_new_tokens, config.pad_token_id
     eos, stop = jnp.asarray(config.eos_token_ids, jnp.int32), jnp.asarray(config.stop_token_ids, jnp.int32)
-    ends = tuple(sorted(set(config.eos_token_ids + config.stop_token_ids)))  # distinct: see sample_next_token
 
     def emit(i: Array, hidden: Array, carry: dict[str, Array]) -> dict[str, Array]:
-        excluded = None
-        if config.min_new_tokens > 0 and ends:  # id V (out of range) = nothing excluded
-            ids = jnp.where(i < config.min_new_tokens, jnp.asarray(ends, jnp.int32), model.cfg.vocab_size)
-            excluded = jnp.broadcast_to(ids, (batch, len(ends)))
-        token, policy_logp, sample_logp = sample_next_token(
-            jax.random.fold_in(key, i), model.logits(hidden[:, None], ops=ops)[:, 0], config.sampling, excluded,
-            rowwise=layout.rowwise)
+        logits = model.logits(hidden[:, None], ops=ops)[:, 0]
+        excluded = excluded_ends(jnp.broadcast_to(i, (batch,)), config, model.cfg.vocab_size)
+        if config.sample_keys:
+            rows = first_sample + jnp.arange(batch, dtype=jnp.int32)
+            token, policy_logp, sample_logp = sample_rows(sample_step_keys(key, rows, i), logits, config, excluded)
+        else:
+            token, policy_logp, sample_logp = sample_next_token(
+                jax.random.fold_in(key, i), logits, config.sampling, excluded, rowwise=layout.rowwise)
         return _record(carry, i, token, policy_logp, sample_logp, eos=eos, stop=stop, pad=pad)
 
     def keep_going(carry: dict[str, Array]) -> Array:
@@ -212,6 +239,35 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
     carry = jax.lax.while_loop(keep_going, step, emit(carry["i"], hidden, carry))
     names = ("tokens", "response_mask", "lengths", "finish_reason", "policy_logprobs", "sampling_logprobs")
     return {name: carry[name] for name in names}, carry["cache"]
+
+
+def excluded_ends(index: Array, config: GenerationConfig, vocab_size: int) -> Array | None:
+    """The ids each row may not draw at its token `index` [N]: EOS and stop ids before min_new_tokens
+    (int32 [N, K]; id vocab_size = nothing excluded), or None when min_new_tokens is 0."""
+    ends = tuple(sorted(set(config.eos_token_ids + config.stop_token_ids)))  # distinct: see sample_next_token
+    if config.min_new_tokens == 0 or not ends:
+        return None
+    return jnp.where(index[:, None] < config.min_new_tokens, jnp.asarray(ends, jnp.int32)[None], vocab_size)
+
+
+def sample_step_keys(key: Array, samples: Array, index: Array) -> Array:
+    """The draw keys of token `index` of samples `samples` (int32 [N], index scalar or [N]):
+    fold_in(fold_in(key, sample), index), whatever row or step the sample is decoded at."""
+    index = jnp.broadcast_to(index, samples.shape)
+    return jax.vmap(lambda m, j: jax.random.fold_in(jax.random.fold_in(key, m), j))(samples, index)
+
+
+def sample_rows(keys: Array, logits: Array, config: GenerationConfig, excluded: Array | None
+                ) -> tuple[Array, Array, Array]:
+    """sample_next_token row by row, row r drawing with keys[r] (logits [N, V]): a row's draw depends on
+    its key and logits only, not on the batch it is in."""
+    def one(k: Array, z: Array, ex: Array | None) -> tuple[Array, Array, Array]:
+        out = sample_next_token(k, z[None], config.sampling, None if ex is None else ex[None])
+        return tuple(x[0] for x in out)
+
+    if excluded is None:
+        return jax.vmap(lambda k, z: one(k, z, None))(keys, logits)
+    return jax.vmap(one)(keys, logits, excluded)
 
 
 def _empty_outputs(batch: int, steps: int, pad: int) -> dict[str, Array]:

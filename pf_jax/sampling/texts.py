@@ -28,7 +28,7 @@ def generation_config(rollout: RolloutSection, codec: TextCodec, *, temperature:
         max_new_tokens=rollout.max_new_tokens,
         sampling=SamplingParams(temperature=t, top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p),
         eos_token_ids=tuple(codec.eos_ids), pad_token_id=codec.pad_id, min_prompt_bucket=8,
-        stop_strings=tuple(rollout.stop),
+        stop_strings=tuple(rollout.stop), batching=rollout.batching, slots=rollout.slots,
     )
 
 

@@ -2,6 +2,7 @@
 
 - `check_writable`: the run and checkpoint directories can be written (before any step is spent);
 - `check_prompts_fit`: the longest prompt (plus the tokens to sample) fits the model's context;
+- `check_slots_fit`: continuous batching's slots of KV cache fit in memory;
 - `SkipGuard`: too many steps in a row whose every update was skipped (non-finite loss, gradient or
   update; see training/step.py), or a run whose every step was skipped, stops with the likely cause.
   The trainer's error path then saves the last finished step, and nothing is exported.
@@ -52,6 +53,19 @@ def check_prompts_fit(rows: Sequence[Mapping[str, Any]], count_tokens: Callable[
             f"exceeds the model's context of {context} tokens (max_position_embeddings); "
             f"data.max_prompt_tokens={cfg.data.max_prompt_tokens} lets it through",
             hint=f"set data.max_prompt_tokens to at most {context - new_tokens} to skip such prompts")
+
+
+def check_slots_fit(policy: Any, cfg: TrainConfig, *, sampling: bool) -> None:
+    """ConfigError, before any step, when continuous batching's rollout.slots rows of KV cache (prompt
+    bucket of data.max_prompt_tokens + rollout.max_new_tokens slots each) do not fit in free memory."""
+    rollout = cfg.rollout
+    if not sampling or rollout.batching != "continuous":
+        return
+    from pf_jax.sampling.continuous import check_kv_memory
+
+    slots = rollout.slots or rollout.prompts_per_step * rollout.samples_per_prompt
+    check_kv_memory(policy, slots, bucket_length(cfg.data.max_prompt_tokens, minimum=PROMPT_BUCKET),
+                    rollout.max_new_tokens)
 
 
 class SkipGuard:

@@ -44,7 +44,7 @@ from pf_jax.training.checkpoint import (
 )
 from pf_jax.training.evaluators import distribution_probe_for, evaluator_for
 from pf_jax.training.export_files import export_modules, finish_export
-from pf_jax.training.guards import SkipGuard, check_prompts_fit
+from pf_jax.training.guards import SkipGuard, check_prompts_fit, check_slots_fit
 from pf_jax.training.metrics import MetricsLogger
 from pf_jax.training.model_source import base_model_name, load_policy
 from pf_jax.training.placement import MeshPlacement
@@ -76,6 +76,7 @@ class Trainer:
         self.rows = training_rows(cfg, composition.kind, self.codec)
         check_prompts_fit(self.rows, lambda text: len(self.codec.encode_prompt(text)), policy.cfg, cfg,
                           sampling=composition.samples)
+        check_slots_fit(policy, cfg, sampling=composition.samples)
         self.prompts = prompt_source(cfg, composition.kind, self.rows, process_index=process_index,
                                      process_count=process_count)
         update = build_update(cfg, composition, policy)
