@@ -34,6 +34,7 @@ from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.prompts import bucket_length
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
 from pf_jax.sampling.sampler import (
+    BATCHED_DECODERS,
     GenerationConfig,
     decode_packing,
     excluded_ends,
@@ -189,3 +190,6 @@ def _outputs(rows: int, steps: int, pad: int) -> dict[str, Array]:
                 policy_logprobs=jnp.zeros((rows, steps), jnp.float32),
                 sampling_logprobs=jnp.zeros((rows, steps), jnp.float32),
                 lengths=jnp.zeros((rows,), jnp.int32), finish_reason=jnp.full((rows,), FINISH_LENGTH, jnp.int32))
+
+
+BATCHED_DECODERS["continuous"] = continuous_generate

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +31,8 @@ from pf_jax.sampling.prompts import bucket_length, left_pad
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
 
 BATCHING = ("static", "continuous")
+BATCHED_DECODERS: dict[str, Callable[..., SampleResult]] = {}  # batching name -> generate(...); filled by
+# pf_jax.sampling.continuous when the package is imported (this module stays below it in the import graph)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,10 +113,8 @@ def generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, confi
     config = dataclasses.replace(config, stop_strings=())  # text-level, applied by the caller: not a new program
     if model.scan_layers:
         model = with_layer_layout(model, scan_layers=False)
-    if config.batching == "continuous":
-        from pf_jax.sampling.continuous import continuous_generate  # it builds on this module's pieces
-
-        return continuous_generate(model, prompts, key, config, n=n, first_sample=first_sample)
+    if config.batching != "static":  # registered by its module, which builds on this one's pieces
+        return BATCHED_DECODERS[config.batching](model, prompts, key, config, n=n, first_sample=first_sample)
     config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, n)
     hidden, cache = prefill(graphdef, state, *layout.place_rows((tokens, mask)),
                              cache_len=tokens.shape[1] + config.max_new_tokens, n=n, layout=layout)
