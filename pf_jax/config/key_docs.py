@@ -88,6 +88,9 @@ KEY_DOCS: dict[str, str] = {
     "rollout.stop": "stop strings, matched on the decoded text across tokens; the response ends with the first",
     "rollout.batching": "static (one batch until the longest ends) | continuous (ended rows take waiting samples)",
     "rollout.slots": "continuous batching: rows decoded at once (null: one per sample)",
+    "rollout.mode": "sync | async (the next steps' rollouts sampled on a thread while this step updates)",
+    "rollout.max_staleness": "async: how many updates older than the learner a rollout's policy is (0: sync)",
+    "rollout.tis_cap": "async: truncation C of the importance weight min(pi_before / pi_sampler, C)",
     "rollout.updates_per_batch": "optimizer passes over each rollout batch",
     "rollout.minibatches": "minibatches per pass (one update each)",
     # -- optimizer

@@ -132,6 +132,11 @@ class RolloutSection(Section):
     sample, so its samples differ from static's for the same seed; they do not depend on `slots`.
     slots: rows decoded at once with continuous batching (null: one per sample); their KV cache must fit
     in memory.
+    mode: `sync` samples each step's rollout with the policy being updated; `async` samples step s + k's
+    rollout (k = max_staleness) with the policy of step s on a background thread while step s updates
+    (pf_jax.training.async_rollouts). Losses then take the ratio against the policy before the update and
+    weight each token by the truncated importance ratio min(pi_before / pi_sampler, tis_cap) to the
+    sampler's own log-probs (TIS). max_staleness 0 is synchronous.
     """
 
     prompts_per_step: int = Field(16, ge=1)
@@ -146,6 +151,25 @@ class RolloutSection(Section):
     stop: list[str] = Field(default_factory=list)
     batching: Literal["static", "continuous"] = "static"
     slots: int | None = None
+    mode: Literal["sync", "async"] = "sync"
+    max_staleness: int = 1
+    tis_cap: float = 2.0
+
+    @field_validator("max_staleness")
+    @classmethod
+    def _staleness_not_negative(cls, k: int) -> int:
+        if k < 0:
+            raise ValueError(f"rollout.max_staleness (how many updates older than the learner a rollout's policy "
+                             f"may be) must be >= 0, got {k}")
+        return k
+
+    @field_validator("tis_cap")
+    @classmethod
+    def _cap_positive(cls, cap: float) -> float:
+        if not cap > 0:
+            raise ValueError(f"rollout.tis_cap (the truncation of the importance weight pi_before / pi_sampler) "
+                             f"must be > 0, got {cap}")
+        return cap
 
     @field_validator("slots")
     @classmethod

@@ -37,6 +37,7 @@ from pf_jax.losses.gflownet import (
     tb_token_loss,
     trajectory_balance_loss,
 )
+from pf_jax.losses.importance import truncated_importance_weights, weighted_advantages
 from pf_jax.losses.internal_rewards import (
     majority_vote_rewards,
     negative_entropy_reward,
@@ -58,6 +59,8 @@ from pf_jax.losses.preference import (
 from pf_jax.losses.supervised import nll_loss
 
 __all__ = [
+    "truncated_importance_weights",
+    "weighted_advantages",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "aggregate_loss",

@@ -127,6 +127,7 @@ def powerflow_loss(
     alpha: float,  # the recipe's method.alpha
     format_penalty: Array | None = None,  # [B] psi(y), e.g. -0.5 when the answer format is missing
     clip_eps: float = 0.2,
+    behaviour_weight: Array | None = None,  # [B] TIS weight when pi_old is not the sampler (async rollouts)
 ) -> tuple[Array, dict[str, Array]]:
     """PowerFlow loss (paper Eq. 10):
 
@@ -134,7 +135,9 @@ def powerflow_loss(
         r_i  = log Z'(q) + (1/|y|) sum_t log pi(y_t) - alpha [ (1/|y|) sum_t log p_base(y_t) + psi(y) ]
         L_PF = mean_i w_i r_i^2
 
-    With pi_old = pi and psi = 0 this is length-aware TB with log R = alpha log p_base.
+    With pi_old = pi and psi = 0 this is length-aware TB with log R = alpha log p_base. With
+    asynchronous rollouts pi_old is the policy before the update and w is multiplied by
+    behaviour_weight = min(pi_old(y) / mu(y), C) to the sampler mu (pf_jax.losses.importance).
     """
     lengths = sequence_lengths(mask)
     safe_len = jnp.maximum(lengths, 1.0)
@@ -142,13 +145,14 @@ def powerflow_loss(
     seq_logp = sequence_sum(logp, mask)
     seq_log_ratio = sg(seq_logp - sequence_sum(old_logp, mask))
     raw_w = jnp.exp(jnp.clip(seq_log_ratio, -20.0, 20.0))
-    w = jnp.clip(raw_w, 1.0 - clip_eps, 1.0 + clip_eps)
+    clipped_w = jnp.clip(raw_w, 1.0 - clip_eps, 1.0 + clip_eps)
+    w = clipped_w if behaviour_weight is None else clipped_w * sg(behaviour_weight)
     target = power_log_reward(base_logp, mask, alpha, format_penalty, per_token=True)
     log_z_prime = jnp.broadcast_to(log_z_prime, lengths.shape)
     residual = log_z_prime + seq_logp / safe_len - target
     loss = _mean_over_valid(w * residual**2, valid)
     metrics = _residual_metrics(residual, log_z_prime, valid)
-    metrics["weight_clip_fraction"] = _mean_over_valid((raw_w != w).astype(jnp.float32), valid)
+    metrics["weight_clip_fraction"] = _mean_over_valid((raw_w != clipped_w).astype(jnp.float32), valid)
     metrics["weight_mean"] = _mean_over_valid(w, valid)
     metrics["response_length_mean"] = _mean_over_valid(lengths, valid)
     return loss, metrics

@@ -35,7 +35,7 @@ class SupervisedBatch:
 @struct.dataclass
 class PolicyGradientBatch:
     seq: SequenceBatch
-    old_logp: Float[Array, "B R"]  # behaviour policy (the sampler's), detached
+    old_logp: Float[Array, "B R"]  # the sampler's (async: the policy before the update), detached
     advantages: Float[Array, " B"] | Float[Array, "B R"]
     ref_logp: Float[Array, "B R"] | None = None  # the KL term's reference
     old_values: Float[Array, "B R"] | None = None  # PPO's value head at sampling time
@@ -50,6 +50,7 @@ class GFlowNetBatch:
     log_reward: Float[Array, " B"]  # alpha [log p_base(y) + |y| psi(y)]
     format_penalty: Float[Array, " B"]  # psi(y)
     log_z_prime: Float[Array, " B"] | None = None  # method.log_z=group: the prompt's own estimate
+    behaviour_weight: Float[Array, " B"] | None = None  # async rollouts: TIS weight to the sampler
 
 
 @struct.dataclass

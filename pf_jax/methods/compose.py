@@ -65,9 +65,22 @@ def check_recipe(cfg: TrainConfig) -> Method:
                           f"{m.responses!r} responses, which cannot be switched (method.responses applies to "
                           f"{', '.join(n for n, x in METHODS.items() if x.responses in COMPLETION_KINDS)})")
     _check_groups(cfg, m)
+    _check_async(cfg, m)
     _check_lora(cfg)
     check_keys_apply(cfg, m)  # keys of another method, before any weights load (methods/recipe_checks.py)
     return m
+
+
+def _check_async(cfg: TrainConfig, m: Method) -> None:
+    """rollout.mode=async corrects stale samples with the method's importance ratio (Method.importance):
+    a method without one (supervised, preference, RFT, the multi-turn methods) cannot take them."""
+    if cfg.rollout.mode != "async":
+        return
+    if m.importance is None or (cfg.method.responses or m.responses) != "policy":
+        supported = ", ".join(n for n, x in METHODS.items() if x.importance is not None and x.responses == "policy")
+        raise ConfigError(f"rollout.mode=async: method {m.name!r} has no importance ratio to correct samples of an "
+                          f"older policy with; asynchronous rollouts support {supported} (or set "
+                          "rollout.mode=sync)")
 
 
 def _check_lora(cfg: TrainConfig) -> None:

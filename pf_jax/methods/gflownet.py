@@ -37,7 +37,7 @@ def trajectory_arguments(partition: str) -> TBArguments:
 def powerflow_arguments(b: GFlowNetBatch, logp: jax.Array, log_z: jax.Array) -> dict[str, jax.Array]:
     """PowerFlow's loss reads the base model and the behaviour policy (its importance weight) itself."""
     return {"logp": logp, "old_logp": b.old_logp, "base_logp": b.base_logp, "mask": b.seq.response_mask,
-            "log_z_prime": log_z, "format_penalty": b.format_penalty}
+            "log_z_prime": log_z, "format_penalty": b.format_penalty, "behaviour_weight": b.behaviour_weight}
 
 
 def group_log_partition(
@@ -90,11 +90,13 @@ class GFlowNet(ObjectiveDefaults):
         base_sum = sequence_sum(r.ref_logp, mask)
         log_reward = power_log_reward(r.ref_logp, mask, self.alpha, jnp.asarray(psi))
         metrics = {"base_logp_per_token": float(jnp.sum(base_sum) / jnp.maximum(mask.sum(), 1))}
+        old_logp = r.behaviour_logp if r.proximal_logp is None else r.proximal_logp  # async: before the update
         log_z_prime = None
         if not self.learned_partition:
-            log_z_prime = group_log_partition(log_reward, r.behaviour_logp, mask, r.group_ids, len(r.rows),
+            log_z_prime = group_log_partition(log_reward, old_logp, mask, r.group_ids, len(r.rows),
                                               per_token=self.per_token)
-        return GFlowNetBatch(r.seq, r.behaviour_logp, r.ref_logp, log_reward, jnp.asarray(psi), log_z_prime), metrics
+        return GFlowNetBatch(r.seq, old_logp, r.ref_logp, log_reward, jnp.asarray(psi), log_z_prime,
+                             r.importance_weight), metrics
 
     def abstract_batch(self, s: BatchShape) -> GFlowNetBatch:
         B, R = s.rows, s.response_len

@@ -25,6 +25,7 @@ from pf_jax.losses import (
     entropy_bonus_loss,
     kl_shaped_token_rewards,
     overlong_penalty,
+    weighted_advantages,
 )
 from pf_jax.methods.batches import BatchShape, PolicyGradientBatch, abstract_sequences, f32
 from pf_jax.methods.bound import Bound
@@ -156,7 +157,10 @@ class PolicyGradient(ObjectiveDefaults):
             metrics["kept_fraction"] = float(keep.mean())
             seq = seq.replace(response_mask=mask & jnp.asarray(keep)[:, None])
         metrics["advantage_abs_mean"] = float(jnp.mean(jnp.abs(advantages)))
-        return PolicyGradientBatch(seq, r.behaviour_logp, advantages, ref_logp=r.ref_logp, old_values=r.values,
+        old_logp = r.behaviour_logp
+        if r.proximal_logp is not None:  # async rollouts: the ratio to the policy before the update, TIS to the sampler
+            old_logp, advantages = r.proximal_logp, weighted_advantages(advantages, r.importance_weight, mask)
+        return PolicyGradientBatch(seq, old_logp, advantages, ref_logp=r.ref_logp, old_values=r.values,
                                    returns=value_targets), metrics
 
     def abstract_batch(self, s: BatchShape) -> PolicyGradientBatch:

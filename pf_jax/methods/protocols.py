@@ -76,6 +76,8 @@ class Completions:
     group_ids: np.ndarray
     texts: list[str] | None = None
     behaviour_logp: jax.Array | None = None  # exact log-probs under the policy that sampled them
+    proximal_logp: jax.Array | None = None  # async rollouts: the log-probs of the policy before the update
+    importance_weight: jax.Array | None = None  # async: TIS weights to the sampler, [N, R] or [N]
     rewards: np.ndarray | None = None  # float32 [N]
     ref_logp: jax.Array | None = None
     values: jax.Array | None = None

@@ -51,7 +51,11 @@ class Method:
     the pure loss with the method's defaults; estimator: the family's estimator (policy gradient:
     an Estimator of advantages; agentic: the step advantages), None for the others; reward: a reward is
     needed; reference: when a frozen copy of the initial policy is kept ("if_kl": when a KL term is on);
-    value_coef: weight of the value loss (PPO)."""
+    value_coef: weight of the value loss (PPO); importance: how a rollout sampled by an older policy is
+    corrected (rollout.mode=async, pf_jax.losses.importance): TIS weights per `token`, per `sequence`
+    (PowerFlow's sequence weight) or `geometric` (GSPO's length-normalised ratio); `off_policy`: the loss
+    is valid for samples of any policy (trajectory balance), nothing to correct; None: no ratio to
+    correct with, so no asynchronous rollouts."""
 
     name: str
     responses: ResponseKind
@@ -61,6 +65,7 @@ class Method:
     reward: bool = False
     reference: Literal["never", "always", "if_kl"] = "never"
     value_coef: float = 0.0
+    importance: Literal["token", "sequence", "geometric", "off_policy"] | None = None
 
 
 def _loss(cfg: TrainConfig, m: Method, **extra: Any) -> Callable[..., Any]:
@@ -145,13 +150,14 @@ def _classifier(cfg: TrainConfig, m: Method) -> ConstraintClassifier:
 
 def _pg(name: str, estimator: Estimator, **loss: Any) -> Method:
     return Method(name, "policy", _policy_gradient, Bound(policy_gradient.ppo_clip_loss, loss), estimator,
-                  reward=True, reference="if_kl")
+                  reward=True, reference="if_kl", importance="token")
 
 
-def _gfn(name: str, loss: Callable[..., Any], arguments: Any, per_token: bool, **defaults: Any) -> Method:
+def _gfn(name: str, loss: Callable[..., Any], arguments: Any, per_token: bool, importance: str,
+         **defaults: Any) -> Method:
     # The frozen base model defines the target log R = alpha log p_base: it is the reference copy.
     build = partial(_gflownet, arguments=arguments, per_token=per_token)
-    return Method(name, "policy", build, Bound(loss, defaults), reference="always")
+    return Method(name, "policy", build, Bound(loss, defaults), reference="always", importance=importance)
 
 
 def _pref(name: str, loss: Callable[..., Any], reference: str = "always", **defaults: Any) -> Method:
@@ -177,25 +183,28 @@ METHODS: Mapping[str, Method] = MappingProxyType({m.name: m for m in [
            reward=True),
     Method("ppo", "policy", _policy_gradient,
            Bound(policy_gradient.ppo_clip_loss, dict(clip_low=0.2, dual_clip=3.0, aggregation="token_mean")),
-           gae(adv.gae_advantages, gamma=1.0, lam=0.95), reward=True, reference="if_kl", value_coef=0.1),
+           gae(adv.gae_advantages, gamma=1.0, lam=0.95), reward=True, reference="if_kl", value_coef=0.1,
+           importance="token"),
     _pg("grpo", _GRPO_ADVANTAGES, **_GRPO_LOSS),
     _pg("grpo_process", process_steps(adv.grpo_process_advantages, digit_step_rewards), **_GRPO_LOSS),
     _pg("dr_grpo", group_outcome(adv.grpo_outcome_advantages, normalize_std=False), clip_low=0.2, kl_coef=0.0,
         aggregation="seq_mean_token_sum_norm"),
     _pg("dapo", _GRPO_ADVANTAGES, clip_low=0.2, clip_high=0.28, kl_coef=0.0, aggregation="token_mean"),
-    Method("gspo", "policy", _policy_gradient, _GSPO, _GRPO_ADVANTAGES, reward=True, reference="if_kl"),
+    Method("gspo", "policy", _policy_gradient, _GSPO, _GRPO_ADVANTAGES, reward=True, reference="if_kl",
+           importance="geometric"),
     Method("gspo_token", "policy", _policy_gradient, Bound(policy_gradient.gspo_loss, {**_GSPO.defaults,
-           "token_level": True}), _GRPO_ADVANTAGES, reward=True, reference="if_kl"),
-    Method("cispo", "policy", _policy_gradient, Bound(cispo_loss), _GRPO_ADVANTAGES, reward=True, reference="if_kl"),
+           "token_level": True}), _GRPO_ADVANTAGES, reward=True, reference="if_kl", importance="token"),
+    Method("cispo", "policy", _policy_gradient, Bound(cispo_loss), _GRPO_ADVANTAGES, reward=True, reference="if_kl",
+           importance="token"),
     _pg("rloo", group_outcome(adv.rloo_advantages), clip_low=0.2, aggregation="seq_mean_token_mean"),
     _pg("reinforce_pp", token_returns(adv.reinforce_pp_advantages, gamma=1.0), clip_low=0.2,
         aggregation="token_mean"),
     _pg("reinforce_pp_baseline", group_outcome_per_token(adv.reinforce_pp_baseline_advantages), clip_low=0.2,
         kl_coef=0.001, kl_estimator="k3", aggregation="token_mean"),
-    _gfn("powerflow", gflownet.powerflow_loss, powerflow_arguments, True, clip_eps=0.2),
-    _gfn("tb", gflownet.trajectory_balance_loss, trajectory_arguments("log_z"), False),
-    _gfn("length_aware_tb", gflownet.length_aware_tb_loss, trajectory_arguments("log_z_prime"), True),
-    _gfn("tb_token", gflownet.tb_token_loss, trajectory_arguments("log_z"), False),
+    _gfn("powerflow", gflownet.powerflow_loss, powerflow_arguments, True, "sequence", clip_eps=0.2),
+    _gfn("tb", gflownet.trajectory_balance_loss, trajectory_arguments("log_z"), False, "off_policy"),
+    _gfn("length_aware_tb", gflownet.length_aware_tb_loss, trajectory_arguments("log_z_prime"), True, "off_policy"),
+    _gfn("tb_token", gflownet.tb_token_loss, trajectory_arguments("log_z"), False, "off_policy"),
     _pref("dpo", preference.dpo_loss, beta=0.1),
     _pref("cdpo", preference.dpo_loss, beta=0.1, label_smoothing=0.1),
     _pref("robust_dpo", preference.robust_dpo_loss, beta=0.1, label_smoothing=0.1),

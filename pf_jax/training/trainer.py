@@ -42,6 +42,7 @@ from pf_jax.training.checkpoint import (
     check_base,
     restore_data_position,
 )
+from pf_jax.training.async_rollouts import AsyncRollouts, importance_corrected
 from pf_jax.training.evaluators import distribution_probe_for, evaluator_for
 from pf_jax.training.export_files import export_modules, finish_export
 from pf_jax.training.guards import SkipGuard, check_prompts_fit, check_slots_fit
@@ -96,6 +97,18 @@ class Trainer:
         self.evaluator = evaluator_for(cfg, composition, self.codec, self.reward, self.run_dir)
         self.distribution = distribution_probe_for(cfg, composition, self.codec)
         self.distribution_history: list[dict[str, Any]] = []
+        self.pipeline = self._async_rollouts()
+
+    def _async_rollouts(self) -> AsyncRollouts | None:
+        """rollout.mode=async: the in-flight rollouts (training/async_rollouts.py); None when synchronous."""
+        if self.cfg.rollout.mode != "async":
+            return None
+        if self.process_count > 1:
+            raise ConfigError("rollout.mode=async runs in one process for now (each process would sample on its "
+                              "own thread between collective updates); set rollout.mode=sync for several processes")
+        sample = lambda rows, params, step: self.responses(rows, self.models(params), self.step_key(step))
+        return AsyncRollouts(sample, self.prompts.next_batch, lambda: self.prompts.state.to_json(),
+                             self.cfg.rollout.max_staleness, self.cfg.steps)
 
     def _place(self, update: Any) -> None:
         """More than one device: state on the mesh, step jitted with explicit shardings (placement.py)."""
@@ -125,16 +138,19 @@ class Trainer:
         """The policy trains LoRA adapters over a frozen base (model.lora)."""
         return "policy" in self.frozen
 
-    def policy_params(self) -> nnx.State:
-        """The policy's whole state: with LoRA its adapters and its frozen base together."""
-        adapters = self.state.params["policy"]
+    def policy_params(self, params: Any = None) -> nnx.State:
+        """The policy's whole state (of the trained `params`, default the current ones): with LoRA its
+        adapters and its frozen base together."""
+        adapters = (self.state.params if params is None else params)["policy"]
         return nnx.merge_state(adapters, self.frozen["policy"]) if self.lora else adapters
 
-    def models(self) -> Models:
-        """The current modules as the sampler and the scorers use them (see methods.protocols.Models); with
-        LoRA and model.lora.sampler=merge, rollouts decode the adapters folded into the weights."""
-        params = {k: self.sampler_view(p) for k, p in self.state.params.items() if k != "policy"}
-        params["policy"] = self.sampler_view(self.policy_params(), cast=True)
+    def models(self, trained: Any = None) -> Models:
+        """The modules of the trained parameters `trained` (default the current ones) as the sampler and the
+        scorers use them (see methods.protocols.Models); with LoRA and model.lora.sampler=merge, rollouts
+        decode the adapters folded into the weights."""
+        trained = self.state.params if trained is None else trained
+        params = {k: self.sampler_view(p) for k, p in trained.items() if k != "policy"}
+        params["policy"] = self.sampler_view(self.policy_params(trained), cast=True)
         sampler = None
         if self.lora and self.cfg.model.lora.sampler == "merge":
             sampler = nnx.split(merged_model(nnx.merge(self.graphdefs["policy"], params["policy"])))
@@ -151,6 +167,20 @@ class Trainer:
         batch, metrics = self.objective.batch(responses)
         self.last_rollout = (responses, batch)  # for the completions log (logging.completions_every)
         return batch, {**responses.metrics, **metrics}
+
+    def async_batch(self, step: int) -> tuple[list[Any], Any, dict[str, float]]:
+        """rollout.mode=async: the step's rollout, sampled by the policy of step max(0, step - k) while the
+        previous steps updated, corrected toward the current policy (the log-probs before the update and
+        TIS weights to the sampler's, pf_jax.losses.importance), and the objective's batch from it."""
+        responses, info = self.pipeline.take(step, self.state.params)
+        level = self.composition.method.importance
+        if self.cfg.rollout.max_staleness and level != "off_policy":
+            models = self.models()
+            proximal = self.scorer.logprobs(models.params["policy"], responses.seq)
+            info.update(importance_corrected(responses, proximal, self.cfg.rollout.tis_cap, level))
+        batch, metrics = self.objective.batch(responses)
+        self.last_rollout = (responses, batch)
+        return list(responses.rows), batch, {**responses.metrics, **info, **metrics}
 
     def update(self, batch: Any, step: int) -> dict[str, float]:
         """Every optimizer update of the step: rollout.updates_per_batch passes over rollout.minibatches."""
@@ -198,8 +228,11 @@ class Trainer:
         if announce:
             _PHASE.info("step %d: first batch%s", step + 1,
                         " (the first rollout compiles the sampler)" if self.composition.samples else "")
-        rows = self.prompts.next_batch()
-        batch, info = self.make_batch(rows, step)
+        if self.pipeline is None:
+            rows = self.prompts.next_batch()
+            batch, info = self.make_batch(rows, step)
+        else:
+            rows, batch, info = self.async_batch(step)
         if step == 0:
             info.update(self.initialize_heads(batch, len(rows)))
         t1 = time.perf_counter()
@@ -264,7 +297,11 @@ class Trainer:
                                                resume_step=start, config=self.cfg.model_dump())
             if self.distribution is not None and start == 0:
                 self.probe_distribution(0, logger)
-            done, completed = self._train(checkpointer, logger, start)
+            try:
+                done, completed = self._train(checkpointer, logger, start)
+            finally:
+                if self.pipeline is not None:
+                    self.pipeline.close()
         result = RunResult(self.run_dir, done, completed, logger.close())
         if completed:
             self._finish(result, evaluation)
@@ -277,8 +314,13 @@ class Trainer:
         resharded onto this run's devices."""
         if not self.cfg.checkpoint.resume:
             return 0
-        target = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                                        self.state)
+        abstract = lambda tree: jax.tree_util.tree_map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+        target = abstract(self.state)
+        k = self.cfg.rollout.max_staleness if self.pipeline is not None else 0
+        if k:  # the parameter versions of the in-flight rollouts (checkpoint_contents)
+            target = {"train": target, "behaviour": [abstract(self.state.params)] * k}
+
         def accept(meta: dict[str, Any]) -> None:
             check_base(meta, self.base_record)
             restore_data_position(self.prompts, meta)
@@ -286,7 +328,9 @@ class Trainer:
         restored = checkpointer.restore_latest(target, accept=accept)
         if restored is None:
             return 0
-        self.state = restored.state
+        self.state = restored.state["train"] if k else restored.state
+        if k:
+            self.pipeline.restore(restored.step, restored.state["behaviour"])
         print(f"[pf_jax] resumed {self.run_dir} at step {restored.step}")
         return restored.step
 
@@ -315,9 +359,9 @@ class Trainer:
                 logger.log(step + 1, metrics)
                 logger.log_completions(step + 1, *self.last_rollout)
                 done, last = step + 1, step + 1 == steps
-                meta = {"data": self.prompts.state.to_json(), **({"base": self.base_record} if self.lora else {})}
-                finished = (done, self.state, meta)
-                checkpointer.save(done, self.state, meta, force=last or stop.requested)
+                tree, meta = self.checkpoint_contents(done)
+                finished = (done, tree, meta)
+                checkpointer.save(done, tree, meta, force=last or stop.requested)
                 guard.observe(done, metrics)
                 completed = completed or last
                 if stop.requested and not last:
@@ -331,6 +375,16 @@ class Trainer:
                 if self.distribution is not None and self.distribution.due(done, last):
                     self.probe_distribution(done, logger)
         return done, completed
+
+    def checkpoint_contents(self, done: int) -> tuple[Any, dict[str, Any]]:
+        """What a checkpoint after `done` steps holds: the train state and, in the sidecar, the data position
+        (and the LoRA base's record). Asynchronous rollouts add the parameter versions that sample the
+        in-flight rollouts, and the position is the one before their rows: a resumed run samples them again."""
+        meta = {"data": self.prompts.state.to_json(), **({"base": self.base_record} if self.lora else {})}
+        if self.pipeline is None or self.cfg.rollout.max_staleness == 0:
+            return self.state, meta
+        meta["data"] = self.pipeline.data_position(done)
+        return {"train": self.state, "behaviour": self.pipeline.behaviour_params(done)}, meta
 
     def _finish(self, result: RunResult, evaluation: dict[str, MethodResult]) -> None:
         """After the last step: export, the objective's own final metrics, the trained policy's evaluation
@@ -363,13 +417,14 @@ class Trainer:
         update). Only with one process: a save is collective, and the other processes may not have failed."""
         if finished is None or self.process_count > 1:
             return
-        step, state, meta = finished
+        step, tree, meta = finished
+        state = tree["train"] if isinstance(tree, dict) else tree
         if state is not self.state or any(getattr(x, "is_deleted", lambda: False)()
                                          for x in jax.tree_util.tree_leaves(state)):
             print(f"[pf_jax] the run failed during step {step + 1}; step {step} cannot be saved (its state was "
                   f"already being updated)", file=sys.stderr)
             return
-        if checkpointer.save(step, state, meta, force=True):
+        if checkpointer.save(step, tree, meta, force=True):
             checkpointer.wait()
             print(f"[pf_jax] the run failed during step {step + 1}; saved step {step} first: rerun the same command "
                   f"to resume from it", file=sys.stderr)
