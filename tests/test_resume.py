@@ -27,8 +27,8 @@ RECIPE = [
 ENV = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
 
 
-def _command(runs_dir: Path) -> list[str]:
-    return [sys.executable, "-m", "pf_jax.train", *RECIPE, f"logging.runs_dir={runs_dir}", "logging.run_name=r"]
+def _command(runs_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pf_jax.train", *RECIPE, f"logging.runs_dir={runs_dir}", "logging.run_name=r", *extra]
 
 
 def _final_params(runs_dir: Path) -> dict[str, np.ndarray]:
@@ -43,8 +43,8 @@ def _logged_steps(runs_dir: Path) -> int:
     return max((x["step"] for x in lines), default=0)
 
 
-def _interrupt(runs_dir: Path, sig: signal.Signals, after_step: int) -> tuple[int, str]:
-    proc = subprocess.Popen(_command(runs_dir), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _interrupt(runs_dir: Path, sig: signal.Signals, after_step: int, *extra: str) -> tuple[int, str]:
+    proc = subprocess.Popen(_command(runs_dir, *extra), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 600
     while _logged_steps(runs_dir) < after_step:
         assert proc.poll() is None, f"run ended before step {after_step}:\n{proc.stdout.read()}"
@@ -81,6 +81,24 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path, uninterrupted):
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "resumed" in resumed.stdout
     _assert_same(_final_params(tmp_path), uninterrupted)
+
+
+ASYNC = ("rollout.mode=async", "rollout.max_staleness=2")
+
+
+def test_sigkill_of_an_async_run_then_resume_matches_uninterrupted(tmp_path):
+    """rollout.mode=async: the rollouts in flight at the kill are sampled again on resume, from the parameter
+    versions the checkpoint holds, so the run still ends with an uninterrupted run's parameters."""
+    straight = tmp_path / "straight"
+    done = subprocess.run(_command(straight, *ASYNC), env=ENV, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout + done.stderr
+    killed = tmp_path / "killed"
+    code, _ = _interrupt(killed, signal.SIGKILL, 4, *ASYNC)
+    assert code == -signal.SIGKILL
+    resumed = subprocess.run(_command(killed, *ASYNC), env=ENV, capture_output=True, text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed" in resumed.stdout
+    _assert_same(_final_params(killed), _final_params(straight))
 
 
 def test_sigterm_saves_exits_cleanly_and_resumes(tmp_path, uninterrupted):
