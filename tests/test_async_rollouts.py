@@ -159,7 +159,9 @@ def test_lora_snapshots_hold_only_the_adapters(tmp_path):
      ["method 'dpo' has no importance ratio", "powerflow"]),
     (["rollout.mode=async", "method.name=online_dpo", "reward.name=arithmetic"], ["method 'online_dpo'"]),
     (["rollout.mode=sideways"], ["rollout.mode", "'sync' or 'async'"]),
+    (["rollout.devices=0"], ["rollout.devices", "must be >= 1, got 0"]),
+    (["rollout.mode=async", "rollout.devices=1"], ["rollout.devices=1 leaves none of the 1 devices to the update"]),
 ], ids=["staleness-negative", "tis-cap-zero", "tis-cap-negative", "async-sft", "async-dpo", "async-online-dpo",
-        "unknown-mode"])
+        "unknown-mode", "rollout-devices-zero", "rollout-devices-all"])
 def test_bad_async_settings(capsys, tmp_path, overrides, words):
     train_fails(capsys, tmp_path, overrides, *words)

@@ -93,6 +93,27 @@ def test_powerflow_samples_through_the_sampler_layout_like_one_device(tmp_path):
         assert abs(a["loss"] - b["loss"]) < 1e-6 * abs(a["loss"]) + LOSS_ATOL
 
 
+def test_async_rollout_on_its_own_device_group_trains_like_one_device(tmp_path):
+    """rollout.mode=async with rollout.devices=4 of 8: the update on a (1, 4, 1) mesh of devices 0-3, the
+    sampler, the reference and the scoring passes on devices 4-7, the weights moved across once per rollout
+    (rollout/reshard_s). Same samples and losses as the same async recipe on one device."""
+    powerflow = ["--config", str(ROOT / "configs" / "default.yaml"), "model.name=tiny", *TINY,
+                 "rollout.prompts_per_step=8", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4",
+                 "steps=3", "export=false", "rollout.mode=async", "rollout.max_staleness=1"]
+    run([sys.executable, "-m", "pf_jax.train", *powerflow, f"logging.runs_dir={tmp_path}", "logging.run_name=one"])
+    out = run([sys.executable, "-m", "pf_jax.train", *powerflow, f"logging.runs_dir={tmp_path}",
+               "logging.run_name=split", "mesh.data=1", "mesh.fsdp=4", "rollout.devices=4"], devices=8)
+    assert "update on mesh (data=1, fsdp=4, tensor=1) over 4 devices in 1 process(es), rollout on 4 others" in out
+    read = lambda name: [json.loads(line) for line in (tmp_path / name / "metrics.jsonl").read_text().splitlines()]
+    one, split = read("one"), read("split")
+    assert [r["response_length"] for r in one] == [r["response_length"] for r in split]  # the same samples
+    for a, b in zip(one, split, strict=True):
+        print(f"step {a['step']}: loss {a['loss']:.6f} vs {b['loss']:.6f}, reshard {b['rollout/reshard_s']:.4f} s")
+        assert abs(a["loss"] - b["loss"]) < 1e-6 * abs(a["loss"]) + LOSS_ATOL
+        assert abs(a["tis/weight_mean"] - b["tis/weight_mean"]) < LOSS_ATOL
+        assert b["rollout/reshard_s"] > 0 and "rollout/reshard_s" not in a
+
+
 @pytest.mark.multiprocess
 def test_two_processes_train_like_one_and_resume_in_one_device(tmp_path):
     mesh = ["mesh.data=2", "mesh.fsdp=2"]

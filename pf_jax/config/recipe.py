@@ -137,6 +137,10 @@ class RolloutSection(Section):
     (pf_jax.training.async_rollouts). Losses then take the ratio against the policy before the update and
     weight each token by the truncated importance ratio min(pi_before / pi_sampler, tis_cap) to the
     sampler's own log-probs (TIS). max_staleness 0 is synchronous.
+    devices: give the rollout its own group of this many devices (the last ones; one process): the
+    sampler, its scoring passes and evaluation run there, the update on a mesh of the others (laid out
+    by `mesh:`), and the weights move between the two once per rollout, timed as rollout/reshard_s.
+    null: rollout and update share every device.
     """
 
     prompts_per_step: int = Field(16, ge=1)
@@ -154,6 +158,14 @@ class RolloutSection(Section):
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 1
     tis_cap: float = 2.0
+    devices: int | None = None
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_positive(cls, n: int | None) -> int | None:
+        if n is not None and n <= 0:
+            raise ValueError(f"rollout.devices (the devices of the rollout group) must be >= 1, got {n}")
+        return n
 
     @field_validator("max_staleness")
     @classmethod

@@ -17,6 +17,10 @@
                      is half the size
     checkpoints      the trainer's restore target carries the state's shardings, so orbax reads each
                      process's shards (and reshards a checkpoint written on another mesh)
+    rollout group    rollout.devices = n (one process): the update's mesh holds the first devices, the
+                     sampler's (data = n) the last n; the sampler layout is then a copy on the rollout
+                     mesh (cast on the training mesh, one jax.device_put across), its seconds added to
+                     `transfer_s`
 
 `MeshPlacement.from_config(cfg.mesh)` is None on one device in one process: the trainer then keeps its
 original unsharded jit path (same speed as before).
@@ -24,6 +28,7 @@ original unsharded jit path (same speed as before).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pf_jax.config import ConfigError
 from pf_jax.sharding.mesh import (
     MeshConfig,
     batch_shardings,
@@ -66,8 +72,10 @@ class MeshPlacement:
     """The trainer's mesh, its rules and the shardings of its state; see the module doc."""
 
     def __init__(self, cfg: MeshConfig, devices: list[jax.Device] | None = None, *,
-                 sampler_dtype: Any = None) -> None:
+                 sampler_dtype: Any = None, rollout_devices: list[jax.Device] | None = None) -> None:
         self.mesh = make_mesh(cfg, devices)
+        self.rollout_mesh = None if not rollout_devices else make_mesh((len(rollout_devices), 1, 1), rollout_devices)
+        self.transfer_s = 0.0  # seconds spent moving weights to the rollout group (read and reset by the trainer)
         self.sampler_dtype = sampler_dtype
         self.rules = cfg.logical_rules()
         self.sampler_rules = sampler_rules(self.rules)
@@ -77,10 +85,13 @@ class MeshPlacement:
         self._compiled: dict[Any, Any] = {}
 
     @classmethod
-    def from_config(cls, cfg: MeshConfig, *, sampler_dtype: Any = None) -> MeshPlacement | None:
+    def from_config(cls, cfg: MeshConfig, *, sampler_dtype: Any = None, rollout_devices: int | None = None
+                    ) -> MeshPlacement | None:
         """A placement over all devices of all processes, or None for one device in one process. A mesh
         shape that does not fit the devices is a ConfigError, on one device too (mesh.data=3 is a mistake
-        there, not a request to ignore)."""
+        there, not a request to ignore). rollout_devices: the last n devices form the rollout group."""
+        if rollout_devices:
+            return cls._split(cfg, rollout_devices, sampler_dtype)
         cfg.shape(jax.device_count())
         if jax.device_count() == 1 and jax.process_count() == 1:
             return None
@@ -89,9 +100,24 @@ class MeshPlacement:
             print(f"[pf_jax] {placement.describe()}")
         return placement
 
+    @classmethod
+    def _split(cls, cfg: MeshConfig, n: int, sampler_dtype: Any) -> MeshPlacement:
+        devices = jax.devices()
+        if jax.process_count() > 1:
+            raise ConfigError("rollout.devices splits the devices of one process; with several processes the "
+                              "rollout shares the mesh (set rollout.devices=null)")
+        if n >= len(devices):
+            raise ConfigError(f"rollout.devices={n} leaves none of the {len(devices)} devices to the update; "
+                              f"give the rollout at most {len(devices) - 1}")
+        cfg.shape(len(devices) - n)  # the update's mesh must fit the devices left to it
+        placement = cls(cfg, devices[: len(devices) - n], sampler_dtype=sampler_dtype, rollout_devices=devices[-n:])
+        print(f"[pf_jax] {placement.describe()}")
+        return placement
+
     def describe(self) -> str:
         axes = ", ".join(f"{k}={v}" for k, v in self.mesh.shape.items())
-        return f"mesh ({axes}) over {self.mesh.size} devices in {self.process_count} process(es)"
+        where = f"mesh ({axes}) over {self.mesh.size} devices in {self.process_count} process(es)"
+        return where if self.rollout_mesh is None else f"update on {where}, rollout on {self.rollout_mesh.size} others"
 
     # -- state --------------------------------------------------------------------------------------
     def place_state(self, state: TrainState) -> TrainState:
@@ -161,6 +187,8 @@ class MeshPlacement:
         floating leaves of rank >= 2 (a decoder's matrices) in `sampler_dtype`, when one is set."""
         if params is None:
             return None
+        if self.rollout_mesh is not None:
+            return self.to_rollout_group(params, cast=cast)
         if self.process_count == 1:
             return self.place_params_from_mesh(params, self.sampler_rules, cast=cast)
         whole = self.place_params_from_mesh(params, None, cast=cast)  # every device holds a whole copy
@@ -173,6 +201,21 @@ class MeshPlacement:
             return jax.make_array_from_single_device_arrays(x.shape, replicated_here, [shards[d] for d in order])
 
         return jax.tree_util.tree_map(on_local_mesh, whole)
+
+    def to_rollout_group(self, params: Any, *, cast: bool = False) -> Any:
+        """The weights on the rollout mesh in the sampler layout: cast (if `cast`) where they are, then one
+        jax.device_put across the groups; its wall time (waited for) is added to transfer_s. Arrays already
+        on the rollout mesh (the frozen reference, placed once) stay."""
+        if all(getattr(x, "sharding", None) is not None and getattr(x.sharding, "mesh", None) == self.rollout_mesh
+               for x in jax.tree_util.tree_leaves(params)):
+            return params
+        t0 = time.perf_counter()
+        if cast and self.sampler_dtype is not None:
+            params = self.place_params_from_mesh(params, self.rules, cast=True)
+        shapes = jax.eval_shape(lambda: params)
+        moved = jax.block_until_ready(jax.device_put(params, state_shardings(shapes, self.rollout_mesh, self.sampler_rules)))
+        self.transfer_s += time.perf_counter() - t0
+        return moved
 
     def place_params_from_mesh(self, params: Any, rules: Any, *, cast: bool = False) -> Any:
         """Re-lay global `params` by `rules` (None: fully replicated) with one jitted identity (or cast)."""

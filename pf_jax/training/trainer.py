@@ -112,7 +112,8 @@ class Trainer:
 
     def _place(self, update: Any) -> None:
         """More than one device: state on the mesh, step jitted with explicit shardings (placement.py)."""
-        self.placement = MeshPlacement.from_config(self.cfg.mesh, sampler_dtype=update.compute_dtype)
+        self.placement = MeshPlacement.from_config(self.cfg.mesh, sampler_dtype=update.compute_dtype,
+                                                   rollout_devices=self.cfg.rollout.devices)
         if self.placement is None:
             return
         if self.cfg.model.lora is not None and self.cfg.model.lora.quantize is not None:
@@ -121,6 +122,8 @@ class Trainer:
         self.frozen = {k: self.placement.place_params(v) for k, v in self.frozen.items()}
         if self.reference is not None:
             self.reference = self.frozen["policy"] if self.lora else self.placement.place_params(self.reference)
+            if self.placement.rollout_mesh is not None and not self.lora:  # only sampling and scoring read it
+                self.reference = self.placement.sampler_params(self.reference, cast=True)
         self.train_step = self.placement.shard_step(update.step_fn)
 
     # -- one step --------------------------------------------------------------------------------------
@@ -240,6 +243,8 @@ class Trainer:
             _PHASE.info("step %d: compiling and running the train step", step + 1)
         metrics = self.update(batch, step)
         t2 = time.perf_counter()
+        if self.placement is not None and self.placement.rollout_mesh is not None:
+            info["rollout/reshard_s"], self.placement.transfer_s = self.placement.transfer_s, 0.0
         metrics.update(info, rollout_s=t1 - t0, update_s=t2 - t1,
                        tokens_per_s=response_token_count(batch) / max(t2 - t0, 1e-9))
         return metrics
