@@ -173,3 +173,16 @@ def test_a_metrics_write_that_fails_names_the_file(tmp_path):
     logger._jsonl.close()  # the descriptor is gone, as on a file system that went away
     with pytest.raises(RunStorageError, match=r"cannot append to .*metrics\.jsonl"):
         logger.log(1, {"loss": 1.0})
+
+
+def test_an_evaluation_off_the_logging_schedule_is_still_written(tmp_path):
+    """eval.distribution.every_steps = 3 with logging.every_steps = 5: the probe's step-3 metrics are forced
+    through (before, they were dropped from metrics.jsonl), training metrics keep their schedule."""
+    console = Console(file=io.StringIO())
+    with MetricsLogger(tmp_path, total_steps=10, every_steps=5, console=console, tensorboard=False, plots=False) as logger:
+        assert not logger.log(3, {"loss": 1.0})
+        assert logger.log(3, {"dist/tv": 0.25}, force=True)
+        assert logger.log(5, {"loss": 0.5})
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [(r["step"], sorted(k for k in r if k not in ("step", "time"))) for r in records] == [
+        (3, ["dist/tv"]), (5, ["loss"])]

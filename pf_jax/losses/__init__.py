@@ -59,8 +59,6 @@ from pf_jax.losses.preference import (
 from pf_jax.losses.supervised import nll_loss
 
 __all__ = [
-    "truncated_importance_weights",
-    "weighted_advantages",
     "AGGREGATIONS",
     "KL_ESTIMATORS",
     "aggregate_loss",
@@ -107,4 +105,6 @@ __all__ = [
     "tb_token_loss",
     "token_entropy_from_logits",
     "trajectory_balance_loss",
+    "truncated_importance_weights",
+    "weighted_advantages",
 ]

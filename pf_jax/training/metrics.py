@@ -152,16 +152,17 @@ class MetricsLogger:
         """Whether `log(step, ...)` writes (every `every_steps` steps and the last step)."""
         return self.active and (step % self.every_steps == 0 or step == self.total_steps)
 
-    def log(self, step: int, metrics: Mapping[str, Any]) -> bool:
-        """Advance the progress bar to `step`; on logging steps convert `metrics` (scalars: floats, numpy or
-        jax arrays) and write them to every sink. Returns whether they were written. Call `should_log`
-        first to avoid computing (or device-syncing) metrics that would be dropped."""
+    def log(self, step: int, metrics: Mapping[str, Any], *, force: bool = False) -> bool:
+        """Advance the progress bar to `step`; on logging steps (any step with `force`: evaluations that
+        run on their own schedule) convert `metrics` (scalars: floats, numpy or jax arrays) and write them
+        to every sink. Returns whether they were written. Call `should_log` first to avoid computing (or
+        device-syncing) metrics that would be dropped."""
         if not self.active:
             return False
         if self._progress is not None:
             self._phases.detach()  # the bar now shows steps
             self._progress.update(self._task, completed=step)
-        if not self.should_log(step):
+        if not force and not self.should_log(step):
             return False
         values = {name: _scalar(name, value) for name, value in metrics.items()}
         record = {"step": int(step), "time": time.time(), **{k: v if math.isfinite(v) else None for k, v in values.items()}}

@@ -35,6 +35,7 @@ from pf_jax.methods.protocols import Models
 from pf_jax.methods.scoring import Scorer
 from pf_jax.models.lora import merged_model
 from pf_jax.models.peft_io import save_peft_adapter
+from pf_jax.training.async_rollouts import AsyncRollouts, importance_corrected
 from pf_jax.training.checkpoint import (
     Checkpointer,
     StopSignal,
@@ -42,7 +43,6 @@ from pf_jax.training.checkpoint import (
     check_base,
     restore_data_position,
 )
-from pf_jax.training.async_rollouts import AsyncRollouts, importance_corrected
 from pf_jax.training.evaluators import distribution_probe_for, evaluator_for
 from pf_jax.training.export_files import export_modules, finish_export
 from pf_jax.training.guards import SkipGuard, check_prompts_fit, check_slots_fit
@@ -266,7 +266,7 @@ class Trainer:
         at `step` (0: the base model) and kept in distribution_history."""
         models = self.models()
         metrics, intervals = self.distribution(models.policy(), models.reference_model())
-        logger.log(step, {f"dist/{k}": v for k, v in metrics.items()})
+        logger.log(step, {f"dist/{k}": v for k, v in metrics.items()}, force=True)
         self.distribution_history.append({"step": step, "metrics": metrics,
                                           "intervals": {k: list(v) for k, v in intervals.items()}})
 
@@ -376,7 +376,7 @@ class Trainer:
                 if every and done % every == 0 and not last:
                     mid = self.evaluate(f"step{done}", key=self.eval_key())
                     if mid is not None:
-                        logger.log(done, {f"eval/{k}": v for k, v in mid.metrics.items()})
+                        logger.log(done, {f"eval/{k}": v for k, v in mid.metrics.items()}, force=True)
                 if self.distribution is not None and self.distribution.due(done, last):
                     self.probe_distribution(done, logger)
         return done, completed
