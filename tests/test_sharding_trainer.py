@@ -111,7 +111,9 @@ def test_async_rollout_on_its_own_device_group_trains_like_one_device(tmp_path):
         print(f"step {a['step']}: loss {a['loss']:.6f} vs {b['loss']:.6f}, reshard {b['rollout/reshard_s']:.4f} s")
         assert abs(a["loss"] - b["loss"]) < 1e-6 * abs(a["loss"]) + LOSS_ATOL
         assert abs(a["tis/weight_mean"] - b["tis/weight_mean"]) < LOSS_ATOL
-        assert b["rollout/reshard_s"] > 0 and "rollout/reshard_s" not in a
+        assert "rollout/reshard_s" not in a
+    # one transfer per rollout, on the rollout thread: its seconds land in the step during which it ran
+    assert sum(b["rollout/reshard_s"] for b in split) > 0
 
 
 @pytest.mark.multiprocess

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pf_jax.losses.importance import truncated_importance_weights
 from pf_jax.methods.protocols import Completions, Metrics
@@ -111,10 +112,11 @@ class AsyncRollouts:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def importance_corrected(responses: Completions, proximal_logp: jax.Array, cap: float, level: str) -> Metrics:
+def importance_corrected(responses: Completions, proximal_logp: np.ndarray, cap: float, level: str) -> Metrics:
     """Give `responses` the log-probs of the policy before the update (the loss's ratio is taken against
     them) and the TIS weights to the sampler's log-probs; returns the weights' metrics (tis/*)."""
-    weights, metrics = truncated_importance_weights(proximal_logp, responses.behaviour_logp,
-                                                    responses.seq.response_mask, cap, level)  # type: ignore[arg-type]
+    host = lambda x: jnp.asarray(np.asarray(x))  # off whichever devices the rollout used
+    weights, metrics = truncated_importance_weights(host(proximal_logp), host(responses.behaviour_logp),
+                                                    host(responses.seq.response_mask), cap, level)  # type: ignore[arg-type]
     responses.proximal_logp, responses.importance_weight = proximal_logp, weights
     return {f"tis/{k.removeprefix('tis_')}": float(v) for k, v in metrics.items()}

@@ -178,8 +178,11 @@ class Trainer:
         responses, info = self.pipeline.take(step, self.state.params)
         level = self.composition.method.importance
         if self.cfg.rollout.max_staleness and level != "off_policy":
-            models = self.models()
-            proximal = self.scorer.logprobs(models.params["policy"], responses.seq)
+            # scored in the training layout, as the update's first forward pass sees the policy (no sampler
+            # copy of the weights beside the one the in-flight rollout holds); on the host, since the
+            # rollout's arrays may sit on the rollout group's devices
+            seq = jax.tree_util.tree_map(np.asarray, responses.seq)
+            proximal = np.asarray(self.scorer.logprobs(self.policy_params(), seq))
             info.update(importance_corrected(responses, proximal, self.cfg.rollout.tis_cap, level))
         batch, metrics = self.objective.batch(responses)
         self.last_rollout = (responses, batch)
