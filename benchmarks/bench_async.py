@@ -1,7 +1,8 @@
 """Asynchronous against synchronous rollouts (rollout.mode, issue 23): steps per minute and what is learned.
 
 arith  configs/arith/grpo.yaml (GRPO on the built-in arithmetic base model, 16 prompts x 8 samples, 100
-       steps), in this process: for each seed, sync then async (max_staleness 1, tis_cap 2) back to back.
+       steps), in this process: for each seed, sync, async (max_staleness 1, tis_cap 2) and async without
+       the correction (tis_cap null, the ratio against the sampler as in sync mode: an ablation) back to back.
        Reported: the training loop's wall time (the base / final evaluations excluded) as steps per minute,
        the held-out avg@8 and maj@8 of each run, their mean +- std over seeds, and
        async_over_sync_ratio = median async steps/min / median sync's.
@@ -36,18 +37,19 @@ from benchmarks.reproduce_table import cpu_name  # noqa: E402
 
 CONFIGS = ROOT / "pf_jax" / "configs"
 ASYNC = ["rollout.mode=async", "rollout.max_staleness=1", "rollout.tis_cap=2.0"]
+MODES = {"sync": [], "async": ASYNC, "async_no_tis": [*ASYNC, "rollout.tis_cap=null"]}  # the last: an ablation
 QUIET = ["logging.progress_bar=false", "logging.tensorboard=false", "logging.plots=false", "checkpoint.resume=false"]
 
 
-def arith_run(runs: Path, seed: int, mode: list[str]) -> dict:
+def arith_run(runs: Path, seed: int, mode: str) -> dict:
     """One GRPO run in this process: its training loop's seconds and its held-out metrics."""
     from pf_jax.config import load_config
     from pf_jax.config.recipe import TrainConfig
     from pf_jax.training.trainer import Trainer
 
-    name = f"{'async' if mode else 'sync'}-seed{seed}"
+    name = f"{mode}-seed{seed}"
     cfg = load_config(TrainConfig, CONFIGS / "arith" / "grpo.yaml",
-                      [f"seed={seed}", f"logging.runs_dir={runs}", f"logging.run_name={name}", *QUIET, *mode])
+                      [f"seed={seed}", f"logging.runs_dir={runs}", f"logging.run_name={name}", *QUIET, *MODES[mode]])
     trainer = Trainer(cfg)
     loop, seconds = trainer._train, []
 
@@ -60,7 +62,7 @@ def arith_run(runs: Path, seed: int, mode: list[str]) -> dict:
     trainer._train = timed
     result = trainer.run()
     metrics = result.evaluation["grpo"].metrics
-    return {"mode": "async" if mode else "sync", "seed": seed, "loop_s": seconds[0],
+    return {"mode": mode, "seed": seed, "loop_s": seconds[0],
             "steps_per_min": 60 * cfg.steps / seconds[0], "avg@8": metrics["avg@8"], "maj@8": metrics["maj@8"]}
 
 
@@ -76,13 +78,15 @@ def arith(args: argparse.Namespace) -> dict:
     runs_dir = Path(args.runs_dir)  # the arithmetic base model is built there once (or found)
     runs = []
     for seed in args.seeds:
-        for mode in ([], ASYNC):
+        for mode in MODES:
             runs.append(arith_run(runs_dir, seed, mode))
             print(json.dumps(runs[-1]), flush=True)
-    sync, asyn = summary(runs, "sync"), summary(runs, "async")
-    return {"part": "arith", "recipe": "configs/arith/grpo.yaml", "runs": runs, "sync": sync, "async": asyn,
+    out = {mode: summary(runs, mode) for mode in MODES}
+    sync, asyn = out["sync"], out["async"]
+    return {"part": "arith", "recipe": "configs/arith/grpo.yaml", "runs": runs, **out,
             "async_over_sync_ratio": asyn["steps_per_min_median"] / sync["steps_per_min_median"],
-            "avg8_async_minus_sync": asyn["avg@8"]["mean"] - sync["avg@8"]["mean"]}
+            "avg8_async_minus_sync": asyn["avg@8"]["mean"] - sync["avg@8"]["mean"],
+            "avg8_async_no_tis_minus_sync": out["async_no_tis"]["avg@8"]["mean"] - sync["avg@8"]["mean"]}
 
 
 def gemma_run(runs: Path, name: str, steps: int, extra: list[str]) -> dict:

@@ -109,6 +109,18 @@ def test_ratio_and_weights_use_the_true_behaviour_logprobs(tmp_path, method):
     assert info1["tis/truncated_fraction"] > 0  # the cap of 1.02 is reached: truncation is exercised
 
 
+def test_without_a_cap_the_ratio_is_taken_against_the_sampler(tmp_path):
+    """rollout.tis_cap=null (an ablation): no correction, the ratio against the sampler's log-probs as in sync."""
+    t = trainer(tmp_path, *METHODS["grpo"], *ASYNC, "rollout.tis_cap=null")
+    t.train_one_step(0)
+    info = t.train_one_step(1)
+    responses, batch = t.last_rollout
+    assert info["rollout/staleness"] == 1.0 and not any(k.startswith("tis/") for k in info)
+    assert responses.proximal_logp is None and responses.importance_weight is None
+    np.testing.assert_array_equal(np.asarray(batch.old_logp), np.asarray(responses.behaviour_logp))
+    t.pipeline.close()
+
+
 def test_a_pending_rollout_is_sampled_by_the_old_parameters(tmp_path):
     """With k = 2 the rollout of step 2 is sampled by the step-0 parameters: it equals a fresh synchronous
     sampling of step 2's rows with step 2's key under those parameters."""

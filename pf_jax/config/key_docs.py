@@ -90,7 +90,7 @@ KEY_DOCS: dict[str, str] = {
     "rollout.slots": "continuous batching: rows decoded at once (null: one per sample)",
     "rollout.mode": "sync | async (the next steps' rollouts sampled on a thread while this step updates)",
     "rollout.max_staleness": "async: how many updates older than the learner a rollout's policy is (0: sync)",
-    "rollout.tis_cap": "async: truncation C of the importance weight min(pi_before / pi_sampler, C)",
+    "rollout.tis_cap": "async: truncation C of the importance weight min(pi_before / pi_sampler, C); null: no correction",
     "rollout.devices": "a device group of its own for the rollout (the last N devices; null: shared)",
     "rollout.updates_per_batch": "optimizer passes over each rollout batch",
     "rollout.minibatches": "minibatches per pass (one update each)",

@@ -136,7 +136,8 @@ class RolloutSection(Section):
     rollout (k = max_staleness) with the policy of step s on a background thread while step s updates
     (pf_jax.training.async_rollouts). Losses then take the ratio against the policy before the update and
     weight each token by the truncated importance ratio min(pi_before / pi_sampler, tis_cap) to the
-    sampler's own log-probs (TIS). max_staleness 0 is synchronous.
+    sampler's own log-probs (TIS). max_staleness 0 is synchronous. tis_cap null: no correction (the ratio
+    is taken against the sampler's log-probs as in sync mode; an ablation).
     devices: give the rollout its own group of this many devices (the last ones; one process): the
     sampler, its scoring passes and evaluation run there, the update on a mesh of the others (laid out
     by `mesh:`), and the weights move between the two once per rollout, timed as rollout/reshard_s.
@@ -157,7 +158,7 @@ class RolloutSection(Section):
     slots: int | None = None
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 1
-    tis_cap: float = 2.0
+    tis_cap: float | None = 2.0
     devices: int | None = None
 
     @field_validator("devices")
@@ -177,8 +178,8 @@ class RolloutSection(Section):
 
     @field_validator("tis_cap")
     @classmethod
-    def _cap_positive(cls, cap: float) -> float:
-        if not cap > 0:
+    def _cap_positive(cls, cap: float | None) -> float | None:
+        if cap is not None and not cap > 0:
             raise ValueError(f"rollout.tis_cap (the truncation of the importance weight pi_before / pi_sampler) "
                              f"must be > 0, got {cap}")
         return cap

@@ -177,7 +177,7 @@ class Trainer:
         TIS weights to the sampler's, pf_jax.losses.importance), and the objective's batch from it."""
         responses, info = self.pipeline.take(step, self.state.params)
         level = self.composition.method.importance
-        if self.cfg.rollout.max_staleness and level != "off_policy":
+        if self.cfg.rollout.max_staleness and level != "off_policy" and self.cfg.rollout.tis_cap is not None:
             # scored in the training layout, as the update's first forward pass sees the policy (no sampler
             # copy of the weights beside the one the in-flight rollout holds); on the host, since the
             # rollout's arrays may sit on the rollout group's devices
