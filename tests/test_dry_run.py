@@ -80,3 +80,15 @@ def test_frozen_backbone_recipe_plans_no_optimizer_state():
     trained, _ = plan_recipe(load_config(TrainConfig, "configs/instructions/classifier_synthetic.yaml", []))
     assert row(frozen, "optimizer state").per_device_bytes == 0
     assert row(trained, "optimizer state").per_device_bytes >= 2 * row(trained, "policy parameters").per_device_bytes
+
+
+def test_async_recipe_plans_its_parameter_versions():
+    """rollout.mode=async keeps max_staleness copies of the trained parameters (adapters only with LoRA)."""
+    plan, _ = plan_recipe(load_config(TrainConfig, "configs/grpo/gemma3-270m-math.yaml",
+                                      ["rollout.mode=async", "rollout.max_staleness=2"]))
+    assert row(plan, "async parameter versions").global_bytes == 2 * row(plan, "policy parameters").global_bytes
+    lora, _ = plan_recipe(load_config(TrainConfig, "configs/grpo/gemma3-270m-math.yaml",
+                                      ["rollout.mode=async", "model.lora={rank: 8}"]))
+    assert row(lora, "async parameter versions").global_bytes == row(lora, "LoRA adapters").global_bytes
+    sync, _ = plan_recipe(load_config(TrainConfig, "configs/grpo/gemma3-270m-math.yaml", []))
+    assert "async parameter versions" not in [r.name for r in sync.rows]

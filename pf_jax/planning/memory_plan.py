@@ -171,6 +171,7 @@ def plan_memory(
     rules: Rules = DEFAULT_RULES,
     name: str = "",
     lora: Any = None,
+    async_versions: int = 0,
 ) -> MemoryPlan:
     """Per-device memory of training `cfg` on a (data, fsdp, tensor) mesh; nothing is allocated.
 
@@ -179,7 +180,8 @@ def plan_memory(
     (batch, seq_len) of one optimizer step, used to compile the step when enough devices exist.
     frozen_policy: the policy is not trained (a frozen backbone under a trained head): no optimizer state.
     lora: the recipe's model.lora section: only adapters train over the frozen (maybe quantised) base, which
-    is also the reference (no second copy).
+    is also the reference (no second copy). async_versions: rollout.mode=async keeps this many copies of
+    the trained parameters for the rollouts in flight (rollout.max_staleness).
     """
     shape = resolve_mesh_shape(mesh_shape, device_count or (
         math.prod(mesh_shape) if -1 not in mesh_shape else jax.device_count()))
@@ -196,6 +198,11 @@ def plan_memory(
         ref = abstract_params(cfg, reference_dtype)
         rows.append(MemoryRow("reference model", *sharded_bytes(ref, mesh, rules),
                               f"frozen, {np.dtype(reference_dtype).name}"))
+    if async_versions:
+        trained = abstract_params(cfg, param_dtype) if lora is None else abstract_lora_params(cfg, param_dtype, lora)[0]
+        total, per_device = sharded_bytes(trained, mesh, rules)
+        rows.append(MemoryRow("async parameter versions", async_versions * total, async_versions * per_device,
+                              f"{async_versions} copies of the trained params for the rollouts in flight"))
     s_rules = sampler_rules(rules)
     if sampler_copy and dict(s_rules) != dict(rules):
         copy = abstract_params(cfg, compute_dtype)

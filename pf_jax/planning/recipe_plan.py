@@ -127,6 +127,7 @@ def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None,
         sampler_copy=sampling, kv_cache=(sequences, length) if sampling else None,
         train_batch=(update_batch, length), remat=cfg.model.remat, compile_step=compile_step,
         rules=cfg.mesh.logical_rules(), lora=cfg.model.lora,
+        async_versions=r.max_staleness if r.mode == "async" and sampling else 0,
         name=f"{cfg.method.name} on {cfg.model.name}",
     )
     note = (f"assumed: {assumed} of {cfg.data.max_prompt_tokens} prompt + {r.max_new_tokens} new tokens; "
