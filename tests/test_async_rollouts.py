@@ -20,8 +20,7 @@ from tests.test_user_errors import train_fails
 
 TINY = [*METHOD_TINY, "steps=3", "optimizer.lr=3e-3"]  # later overrides win
 METHODS = {"grpo": ["method.name=grpo", "reward.name=entropy"],
-           "powerflow": ["method.name=powerflow", "reward.format_penalty=-0.5"],
-           "gspo": ["method.name=gspo", "reward.name=entropy"]}
+           "powerflow": ["method.name=powerflow", "reward.format_penalty=-0.5"]}
 ASYNC = ["rollout.mode=async"]
 
 
@@ -70,7 +69,7 @@ def test_weights_are_not_differentiated():
 
 # --- the trainer ------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("method", sorted(METHODS))
+@pytest.mark.parametrize("method", ["grpo", "powerflow"])
 def test_staleness_zero_is_synchronous_bit_for_bit(tmp_path, method):
     sync = trainer(tmp_path, *METHODS[method], name="sync")
     sync.run()
@@ -136,7 +135,7 @@ def test_a_pending_rollout_is_sampled_by_the_old_parameters(tmp_path):
     t.pipeline.close()
 
 
-@pytest.mark.parametrize("staleness", [1, 2])
+@pytest.mark.parametrize("staleness", [1])  # k = 2: tests/test_resume.py kills and resumes a run
 def test_resume_is_exact_by_regenerating_the_rollouts_in_flight(tmp_path, staleness):
     """A run stopped after step 2 and resumed from its checkpoint (which holds the parameter versions of the
     rollouts in flight, not the rollouts) ends with the parameters of an uninterrupted run."""

@@ -157,3 +157,13 @@ def test_every_methods_abstract_batch_traces_through_its_loss(method, tmp_path):
     assert metrics["loss"].shape == () and matmul_flops(traced.jaxpr.jaxpr) > 0
     rows = {x.shape[0] for x in jax.tree_util.tree_leaves(batch)}
     assert rows == {recipe.sizes.update_rows}, rows
+
+
+def test_async_recipe_keeps_its_parameter_versions_resident(tmp_path):
+    """rollout.mode=async: max_staleness copies of the trained parameters are alive in every program."""
+    keys = [*METHOD_TINY, "method.name=grpo", "reward.name=entropy", f"logging.runs_dir={tmp_path}"]
+    sync = abstract_recipe(load_config(TrainConfig, None, keys), tpu_topology("v5e:2x2"))
+    asyn = abstract_recipe(load_config(TrainConfig, None, [*keys, "rollout.mode=async", "rollout.max_staleness=2"]),
+                           tpu_topology("v5e:2x2"))
+    assert sync.resident["async parameter versions"] == 0
+    assert asyn.resident["async parameter versions"] == 2 * asyn.resident["parameters"] > 0

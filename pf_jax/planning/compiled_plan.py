@@ -66,7 +66,7 @@ from pf_jax.training.step import TrainState
 from pf_jax.training.update import RecipeUpdate, build_update
 
 SDS = jax.ShapeDtypeStruct
-TRAIN_ALIVE = ("parameters", "optimizer state", "reference")
+TRAIN_ALIVE = ("parameters", "optimizer state", "reference", "async parameter versions")
 ROLLOUT_ALIVE = (*TRAIN_ALIVE, "sampler policy copy", "sampler reference copy")
 SAMPLER_ALIVE = (*ROLLOUT_ALIVE, "sampler layer copy", "KV cache")
 
@@ -231,8 +231,15 @@ def abstract_recipe(cfg: TrainConfig, topology: Topology, *, ops: Any = None) ->
                             "optimizer state": device_bytes(state.opt_state),
                             "reference": device_bytes(policy) if reference and not frozen else 0,  # LoRA: the base
                             "sampler policy copy": device_bytes(weights) if copies else 0,
-                            "sampler reference copy": device_bytes(weights) if copies and reference else 0})
+                            "sampler reference copy": device_bytes(weights) if copies and reference else 0,
+                            "async parameter versions": _async_versions(cfg, sampling) * device_bytes(state.params)})
     return recipe
+
+
+def _async_versions(cfg: TrainConfig, sampling: bool) -> int:
+    """rollout.mode=async keeps rollout.max_staleness copies of the trained parameters for the rollouts in
+    flight (training/async_rollouts.py), alive in every program."""
+    return cfg.rollout.max_staleness if sampling and cfg.rollout.mode == "async" else 0
 
 
 def _oom_temp_bytes(message: str) -> int:

@@ -21,7 +21,8 @@ from pf_jax.config.recipe import TrainConfig
 from pf_jax.planning.compiled_plan import CompiledPlan, ProgramPlan
 
 ANALYTIC_ROWS = {"parameters": "policy parameters", "optimizer state": "optimizer state",
-                 "reference": "reference model", "sampler policy copy": "sampler policy copy", "KV cache": "KV cache"}
+                 "reference": "reference model", "sampler policy copy": "sampler policy copy", "KV cache": "KV cache",
+                 "async parameter versions": "async parameter versions"}
 
 
 def human_bytes(n: float | None) -> str:

@@ -180,8 +180,7 @@ def plan_memory(
     (batch, seq_len) of one optimizer step, used to compile the step when enough devices exist.
     frozen_policy: the policy is not trained (a frozen backbone under a trained head): no optimizer state.
     lora: the recipe's model.lora section: only adapters train over the frozen (maybe quantised) base, which
-    is also the reference (no second copy). async_versions: rollout.mode=async keeps this many copies of
-    the trained parameters for the rollouts in flight (rollout.max_staleness).
+    is also the reference (no second copy). async_versions: async rollouts' copies (async_versions_row).
     """
     shape = resolve_mesh_shape(mesh_shape, device_count or (
         math.prod(mesh_shape) if -1 not in mesh_shape else jax.device_count()))
@@ -199,10 +198,7 @@ def plan_memory(
         rows.append(MemoryRow("reference model", *sharded_bytes(ref, mesh, rules),
                               f"frozen, {np.dtype(reference_dtype).name}"))
     if async_versions:
-        trained = abstract_params(cfg, param_dtype) if lora is None else abstract_lora_params(cfg, param_dtype, lora)[0]
-        total, per_device = sharded_bytes(trained, mesh, rules)
-        rows.append(MemoryRow("async parameter versions", async_versions * total, async_versions * per_device,
-                              f"{async_versions} copies of the trained params for the rollouts in flight"))
+        rows.append(async_versions_row(cfg, mesh, rules, async_versions, param_dtype=param_dtype, lora=lora))
     s_rules = sampler_rules(rules)
     if sampler_copy and dict(s_rules) != dict(rules):
         copy = abstract_params(cfg, compute_dtype)
@@ -239,6 +235,16 @@ def trained_rows(cfg: ModelConfig, mesh: Mapping[str, int], rules: Rules, tx: An
     rows.append(MemoryRow("gradients", *sharded_bytes(params, mesh, rules),
                           "estimate: one fp32 copy of the trained params during the update"))
     return rows
+
+
+def async_versions_row(cfg: ModelConfig, mesh: Mapping[str, int], rules: Rules, versions: int, *,
+                       param_dtype: Any, lora: Any) -> MemoryRow:
+    """rollout.mode=async: `versions` copies of the trained parameters (LoRA: the adapters) kept for the
+    rollouts in flight, in the training layout."""
+    trained = abstract_params(cfg, param_dtype) if lora is None else abstract_lora_params(cfg, param_dtype, lora)[0]
+    total, per_device = sharded_bytes(trained, mesh, rules)
+    return MemoryRow("async parameter versions", versions * total, versions * per_device,
+                     f"{versions} copies of the trained params for the rollouts in flight")
 
 
 def kv_cache_row(cfg: ModelConfig, kv_cache: tuple[int, int], kv_dtype: Any, mesh: Mapping[str, int],
