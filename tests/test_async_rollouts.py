@@ -120,10 +120,12 @@ def test_without_a_cap_the_ratio_is_taken_against_the_sampler(tmp_path):
     t.pipeline.close()
 
 
-def test_a_pending_rollout_is_sampled_by_the_old_parameters(tmp_path):
+@pytest.mark.parametrize("batching", ["static", "continuous"])
+def test_a_pending_rollout_is_sampled_by_the_old_parameters(tmp_path, batching):
     """With k = 2 the rollout of step 2 is sampled by the step-0 parameters: it equals a fresh synchronous
-    sampling of step 2's rows with step 2's key under those parameters."""
-    t = trainer(tmp_path, *METHODS["grpo"], *ASYNC, "rollout.max_staleness=2", "steps=4")
+    sampling of step 2's rows with step 2's key under those parameters (either sampler)."""
+    t = trainer(tmp_path, *METHODS["grpo"], *ASYNC, "rollout.max_staleness=2", "steps=4",
+                f"rollout.batching={batching}", "rollout.slots=4")
     theta0 = jax.tree_util.tree_map(jnp.copy, t.state.params)
     for step in range(3):
         info = t.train_one_step(step)
