@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
 from pf_jax.config.mesh import MeshConfig
 from pf_jax.config.sections import CheckpointConfig, DataConfig, LoggingConfig, OptimizerConfig, Section
@@ -161,13 +161,6 @@ class RolloutSection(Section):
     tis_cap: float | None = 2.0
     devices: int | None = None
 
-    @field_validator("devices")
-    @classmethod
-    def _devices_positive(cls, n: int | None) -> int | None:
-        if n is not None and n <= 0:
-            raise ValueError(f"rollout.devices (the devices of the rollout group) must be >= 1, got {n}")
-        return n
-
     @field_validator("max_staleness")
     @classmethod
     def _staleness_not_negative(cls, k: int) -> int:
@@ -184,12 +177,13 @@ class RolloutSection(Section):
                              f"must be > 0, got {cap}")
         return cap
 
-    @field_validator("slots")
+    @field_validator("slots", "devices")
     @classmethod
-    def _slots_positive(cls, slots: int | None) -> int | None:
-        if slots is not None and slots <= 0:
-            raise ValueError(f"rollout.slots (rows decoded at once) must be >= 1, got {slots}")
-        return slots
+    def _count_positive(cls, n: int | None, info: ValidationInfo) -> int | None:
+        what = {"slots": "rows decoded at once", "devices": "the devices of the rollout group"}[info.field_name]
+        if n is not None and n <= 0:
+            raise ValueError(f"rollout.{info.field_name} ({what}) must be >= 1, got {n}")
+        return n
 
     @field_validator("stop")
     @classmethod

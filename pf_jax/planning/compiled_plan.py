@@ -61,6 +61,7 @@ from pf_jax.sharding.mesh import (
     train_state_shardings,
 )
 from pf_jax.sharding.topology import Topology, tpu_topology
+from pf_jax.training.async_rollouts import parameter_versions
 from pf_jax.training.model_source import with_adapters
 from pf_jax.training.step import TrainState
 from pf_jax.training.update import RecipeUpdate, build_update
@@ -232,14 +233,8 @@ def abstract_recipe(cfg: TrainConfig, topology: Topology, *, ops: Any = None) ->
                             "reference": device_bytes(policy) if reference and not frozen else 0,  # LoRA: the base
                             "sampler policy copy": device_bytes(weights) if copies else 0,
                             "sampler reference copy": device_bytes(weights) if copies and reference else 0,
-                            "async parameter versions": _async_versions(cfg, sampling) * device_bytes(state.params)})
+                            "async parameter versions": parameter_versions(cfg.rollout, sampling) * device_bytes(state.params)})
     return recipe
-
-
-def _async_versions(cfg: TrainConfig, sampling: bool) -> int:
-    """rollout.mode=async keeps rollout.max_staleness copies of the trained parameters for the rollouts in
-    flight (training/async_rollouts.py), alive in every program."""
-    return cfg.rollout.max_staleness if sampling and cfg.rollout.mode == "async" else 0
 
 
 def _oom_temp_bytes(message: str) -> int:

@@ -40,6 +40,7 @@ from pf_jax.data.sequences import bucket_length
 from pf_jax.methods.compose import compose
 from pf_jax.models.config import ModelConfig
 from pf_jax.planning.memory_plan import MemoryPlan, plan_memory
+from pf_jax.training.async_rollouts import parameter_versions
 from pf_jax.training.model_source import (
     BUILT_IN_BASES,
     built_in_base_directory,
@@ -127,7 +128,7 @@ def plan_recipe(cfg: TrainConfig, *, device_count: int | None = None,
         sampler_copy=sampling, kv_cache=(sequences, length) if sampling else None,
         train_batch=(update_batch, length), remat=cfg.model.remat, compile_step=compile_step,
         rules=cfg.mesh.logical_rules(), lora=cfg.model.lora,
-        async_versions=r.max_staleness if r.mode == "async" and sampling else 0,
+        async_versions=parameter_versions(r, sampling),
         name=f"{cfg.method.name} on {cfg.model.name}",
     )
     note = (f"assumed: {assumed} of {cfg.data.max_prompt_tokens} prompt + {r.max_new_tokens} new tokens; "

@@ -30,6 +30,13 @@ import numpy as np
 from pf_jax.losses.importance import truncated_importance_weights
 from pf_jax.methods.protocols import Completions, Metrics
 
+
+def parameter_versions(rollout: Any, sampling: bool) -> int:
+    """How many copies of the trained parameters a run keeps for its rollouts in flight: rollout.max_staleness
+    with rollout.mode=async on a sampling method (the planners count them), else 0."""
+    return rollout.max_staleness if sampling and rollout.mode == "async" else 0
+
+
 Sample = Callable[[list[Any], Any, int], Any]
 """(rows, trained parameters, step) -> the step's responses, sampled by those parameters with its key."""
 
@@ -52,7 +59,7 @@ class AsyncRollouts:
         self.k, self.steps = staleness, steps
         self.pending: dict[int, _Pending] = {}
         self.versions: dict[int, Any] = {}  # step -> a copy of its trained parameters, while a rollout needs it
-        self.positions: dict[int, dict] = {}  # step -> the data position after its rows were drawn
+        self.positions: dict[int, dict] = {-1: position()}  # step -> the data position after its rows were drawn
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pf_jax-rollout")
 
     def version_of(self, step: int) -> int:
@@ -63,8 +70,6 @@ class AsyncRollouts:
     def take(self, step: int, params: Any) -> tuple[Any, Metrics]:
         """Rollout `step` (waiting for it if it is still being sampled), after launching rollout step + k
         with `params` (the parameters of `step`). Metrics: its staleness and the time waited for it."""
-        if not self.positions:
-            self.positions[step - 1] = self.position()
         self._keep(step, params)
         for p in range(step, min(step + self.k + 1, self.steps)):
             if p not in self.pending:
@@ -80,11 +85,10 @@ class AsyncRollouts:
                            "rollout/wait_s": time.perf_counter() - t0}
 
     def _keep(self, step: int, params: Any) -> None:
-        """The parameters of `step`, copied while a rollout still has to sample with them (the update donates
-        the originals); with k = 0 the rollout ends before the update starts, so no copy is needed."""
-        if step in self.versions or not any(self.version_of(p) == step for p in range(step, step + self.k + 1)):
-            return
-        self.versions[step] = params if self.k == 0 else jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, params))
+        """The parameters of `step`, which sample rollout step + k, copied (the update donates the originals);
+        with k = 0 the rollout ends before the update starts, so no copy is needed."""
+        if step not in self.versions:
+            self.versions[step] = params if self.k == 0 else jax.block_until_ready(jax.tree_util.tree_map(jnp.copy, params))
 
     def _launch(self, step: int) -> None:
         rows = self.draw()

@@ -166,10 +166,18 @@ class Trainer:
         key = self.step_key(step)
         if self.composition.samples and self.composition.kind != "env" and self.process_count > 1:
             key = jax.random.fold_in(key, self.process_index)  # each process samples its own prompts
-        responses = self.responses(rows, models, key)
+        return self._batch_of(self.responses(rows, models, key))
+
+    def _batch_of(self, responses: Any, **info: float) -> tuple[Any, dict[str, float]]:
+        """The objective's batch from the step's responses, and the host metrics of making it (`info` too)."""
         batch, metrics = self.objective.batch(responses)
         self.last_rollout = (responses, batch)  # for the completions log (logging.completions_every)
-        return batch, {**responses.metrics, **metrics}
+        return batch, {**responses.metrics, **info, **metrics}
+
+    @property
+    def async_versions(self) -> int:
+        """Parameter versions kept for the rollouts in flight (rollout.max_staleness in async mode, else 0)."""
+        return 0 if self.pipeline is None else self.pipeline.k
 
     def async_batch(self, step: int) -> tuple[list[Any], Any, dict[str, float]]:
         """rollout.mode=async: the step's rollout, sampled by the policy of step max(0, step - k) while the
@@ -177,16 +185,14 @@ class Trainer:
         TIS weights to the sampler's, pf_jax.losses.importance), and the objective's batch from it."""
         responses, info = self.pipeline.take(step, self.state.params)
         level = self.composition.method.importance
-        if self.cfg.rollout.max_staleness and level != "off_policy" and self.cfg.rollout.tis_cap is not None:
+        if self.async_versions and level != "off_policy" and self.cfg.rollout.tis_cap is not None:
             # scored in the training layout, as the update's first forward pass sees the policy (no sampler
             # copy of the weights beside the one the in-flight rollout holds); on the host, since the
             # rollout's arrays may sit on the rollout group's devices
             seq = jax.tree_util.tree_map(np.asarray, responses.seq)
             proximal = np.asarray(self.scorer.logprobs(self.policy_params(), seq))
             info.update(importance_corrected(responses, proximal, self.cfg.rollout.tis_cap, level))
-        batch, metrics = self.objective.batch(responses)
-        self.last_rollout = (responses, batch)
-        return list(responses.rows), batch, {**responses.metrics, **info, **metrics}
+        return list(responses.rows), *self._batch_of(responses, **info)
 
     def update(self, batch: Any, step: int) -> dict[str, float]:
         """Every optimizer update of the step: rollout.updates_per_batch passes over rollout.minibatches."""
@@ -325,7 +331,7 @@ class Trainer:
         abstract = lambda tree: jax.tree_util.tree_map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
         target = abstract(self.state)
-        k = self.cfg.rollout.max_staleness if self.pipeline is not None else 0
+        k = self.async_versions
         if k:  # the parameter versions of the in-flight rollouts (checkpoint_contents)
             target = {"train": target, "behaviour": [abstract(self.state.params)] * k}
 
@@ -389,7 +395,7 @@ class Trainer:
         (and the LoRA base's record). Asynchronous rollouts add the parameter versions that sample the
         in-flight rollouts, and the position is the one before their rows: a resumed run samples them again."""
         meta = {"data": self.prompts.state.to_json(), **({"base": self.base_record} if self.lora else {})}
-        if self.pipeline is None or self.cfg.rollout.max_staleness == 0:
+        if not self.async_versions:
             return self.state, meta
         meta["data"] = self.pipeline.data_position(done)
         return {"train": self.state, "behaviour": self.pipeline.behaviour_params(done)}, meta
