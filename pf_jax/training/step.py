@@ -71,6 +71,23 @@ def accumulated_grads(grad_fn: Callable, params: Params, batch: Any, frozen: Par
     return (loss, metrics), grads
 
 
+def params_loss(graphdefs: dict[str, nnx.GraphDef], loss_fn: LossFn, compute_dtype: jnp.dtype | None = None
+                ) -> Callable[..., tuple[jax.Array, dict[str, jax.Array]]]:
+    """`loss_fn` as a function of the trained parameters: `(params, batch, frozen, dropout_key) -> (loss,
+    metrics)`, the modules merged from graphdefs, params and frozen (cast to compute_dtype when set)."""
+
+    def loss_of(params: Params, mb: Any, frozen: Params, key: jax.Array | None):
+        if compute_dtype is not None:
+            params = jax.tree_util.tree_map(
+                lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
+            )
+        modules = {k: nnx.merge(graphdefs[k], params[k], *([frozen[k]] if k in frozen else [])) for k in graphdefs}
+        with training_dropout(key):
+            return loss_fn(modules, mb)
+
+    return loss_of
+
+
 def make_train_step(
     graphdefs: dict[str, nnx.GraphDef],
     loss_fn: LossFn,
@@ -92,16 +109,7 @@ def make_train_step(
     dropout: the modules' dropout (LoRA's) is on, keyed by fold_in(state.rng, state.step) per update.
     """
 
-    def loss_of(params: Params, mb: Any, frozen: Params, key: jax.Array | None):
-        if compute_dtype is not None:
-            params = jax.tree_util.tree_map(
-                lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params
-            )
-        modules = {k: nnx.merge(graphdefs[k], params[k], *([frozen[k]] if k in frozen else [])) for k in graphdefs}
-        with training_dropout(key):
-            return loss_fn(modules, mb)
-
-    grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+    grad_fn = jax.value_and_grad(params_loss(graphdefs, loss_fn, compute_dtype), has_aux=True)
 
     def step(state: TrainState, batch: Any, frozen: Params | None = None):
         frozen = frozen or {}
