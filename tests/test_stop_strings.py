@@ -6,6 +6,7 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from pf_jax.config.recipe import RolloutSection
@@ -98,3 +99,25 @@ def test_generate_cli_stop(model_dir):  # noqa: F811
     cut = json.loads(proc.stdout)["samples"][0]
     assert cut["text"].endswith(stop) and cut["finish_reason"] == "stop"
     assert cut["tokens"] == free["tokens"][: len(cut["tokens"])] and len(cut["tokens"]) < len(free["tokens"])
+
+
+def test_rollout_min_new_tokens_keeps_eos_out_until_then():
+    """rollout.min_new_tokens: EOS is not sampled before that many tokens (fixed-length rollouts); a
+    minimum above max_new_tokens is a config error naming both."""
+    codec = CharCodec()
+    cfg = ModelConfig.tiny("llama", vocab_size=codec.vocab_size, hidden_size=32, intermediate_size=64, num_layers=1,
+                           num_heads=2, num_kv_heads=1, head_dim=16, bos_token_id=codec.bos_id,
+                           eos_token_ids=codec.eos_ids, pad_token_id=codec.pad_id)
+    model = Decoder(cfg, rngs=nnx.Rngs(3), scan_layers=False)
+    head = model.embed if cfg.tie_embeddings else model.lm_head_weight
+    head.value = head.value.at[codec.eos_ids[0]].multiply(40.0)  # EOS likely
+
+    def lengths(minimum):
+        gen = generation_config(RolloutSection(max_new_tokens=12, min_new_tokens=minimum), codec)
+        seq, _, _, _ = sample_responses(model, codec, ["12+34="] * 8, 2, jax.random.key(5), gen)
+        return np.asarray(seq.response_mask).sum(-1)
+
+    assert lengths(0).min() < 12
+    assert (lengths(12) == 12).all() and (lengths(7) >= 7).all()
+    with pytest.raises(ValueError, match=r"min_new_tokens=13 exceeds rollout\.max_new_tokens=12"):
+        RolloutSection(max_new_tokens=12, min_new_tokens=13)

@@ -85,6 +85,7 @@ KEY_DOCS: dict[str, str] = {
     "rollout.top_p": "nucleus sampling mass (1: off)",
     "rollout.min_p": "drop tokens below min_p x the top probability (0: off)",
     "rollout.max_new_tokens": "longest response",
+    "rollout.min_new_tokens": "EOS is not sampled before this many tokens (0: off; stop strings still cut)",
     "rollout.stop": "stop strings, matched on the decoded text across tokens; the response ends with the first",
     "rollout.batching": "static (one batch until the longest ends) | continuous (ended rows take waiting samples)",
     "rollout.slots": "continuous batching: rows decoded at once (null: one per sample)",

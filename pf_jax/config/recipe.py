@@ -142,6 +142,8 @@ class RolloutSection(Section):
     sampler, its scoring passes and evaluation run there, the update on a mesh of the others (laid out
     by `mesh:`), and the weights move between the two once per rollout, timed as rollout/reshard_s.
     null: rollout and update share every device.
+    min_new_tokens: EOS is not sampled before this many tokens (fixed-length rollouts, e.g. for
+    benchmarks; transformers' min_new_tokens); stop strings still cut. At most max_new_tokens.
     """
 
     prompts_per_step: int = Field(16, ge=1)
@@ -151,6 +153,7 @@ class RolloutSection(Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     min_p: float = Field(0.0, ge=0.0, lt=1.0)
     max_new_tokens: int = Field(16, ge=1)
+    min_new_tokens: int = Field(0, ge=0)
     updates_per_batch: int = Field(1, ge=1)
     minibatches: int = Field(1, ge=1)
     stop: list[str] = Field(default_factory=list)
@@ -191,6 +194,13 @@ class RolloutSection(Section):
         if any(not s for s in stop):
             raise ValueError("a stop string must not be empty")
         return stop
+
+    @model_validator(mode="after")
+    def _min_within_max(self) -> RolloutSection:
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValueError(f"rollout.min_new_tokens={self.min_new_tokens} exceeds rollout.max_new_tokens="
+                             f"{self.max_new_tokens}")
+        return self
 
 
 class MethodSection(Section):

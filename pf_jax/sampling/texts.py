@@ -25,7 +25,7 @@ def generation_config(rollout: RolloutSection, codec: TextCodec, *, temperature:
     """The sampler's settings for a recipe's rollouts (temperature: another one, e.g. the evaluation's)."""
     t = rollout.temperature if temperature is None else temperature
     return GenerationConfig(
-        max_new_tokens=rollout.max_new_tokens,
+        max_new_tokens=rollout.max_new_tokens, min_new_tokens=rollout.min_new_tokens,
         sampling=SamplingParams(temperature=t, top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p),
         eos_token_ids=tuple(codec.eos_ids), pad_token_id=codec.pad_id, min_prompt_bucket=8,
         stop_strings=tuple(rollout.stop), batching=rollout.batching, slots=rollout.slots,
