@@ -1,6 +1,7 @@
 """The distribution-matching metric from its definitions (evaluation.distribution_match), the candidate
 sets scored by teacher forcing (evaluation.candidate_sets) and the trainer's DistributionProbe."""
 
+import json
 import math
 
 import jax
@@ -167,3 +168,18 @@ def test_probe_in_the_trainer_scores_candidates_exactly(tmp_path):
     logger.close()
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["step"] for r in records] == [0, 1] and "dist/inversion_rate" in records[0]
+
+
+def test_a_resumed_run_keeps_the_probes_of_the_steps_before_it(tmp_path):
+    """The checkpoint carries the probes so far: a run extended from step 2 to 4 reports steps 0, 2 and 4,
+    the first two as the first run measured them."""
+    common = [*TINY, f"logging.runs_dir={tmp_path}", "logging.run_name=probe", "eval.distribution.every_steps=2",
+              "checkpoint.every_steps=2", "logging.progress_bar=false", "logging.plots=false"]
+    Trainer(load_config(TrainConfig, None, [*common, "steps=2"])).run()
+    report = tmp_path / "probe" / "eval" / "distribution.json"
+    first = json.loads(report.read_text())["history"]
+    assert [h["step"] for h in first] == [0, 2]
+    Trainer(load_config(TrainConfig, None, [*common, "steps=4"])).run()
+    history = json.loads(report.read_text())["history"]
+    assert [h["step"] for h in history] == [0, 2, 4]
+    assert history[:2] == first

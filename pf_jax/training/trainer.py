@@ -338,6 +338,7 @@ class Trainer:
         def accept(meta: dict[str, Any]) -> None:
             check_base(meta, self.base_record)
             restore_data_position(self.prompts, meta)
+            self.distribution_history = list(meta.get("distribution", []))  # the probes up to that step
 
         restored = checkpointer.restore_latest(target, accept=accept)
         if restored is None:
@@ -373,6 +374,8 @@ class Trainer:
                 logger.log(step + 1, metrics)
                 logger.log_completions(step + 1, *self.last_rollout)
                 done, last = step + 1, step + 1 == steps
+                if self.distribution is not None and self.distribution.due(done, last):
+                    self.probe_distribution(done, logger)  # before the save: its checkpoint keeps the probe
                 tree, meta = self.checkpoint_contents(done)
                 finished = (done, tree, meta)
                 checkpointer.save(done, tree, meta, force=last or stop.requested)
@@ -386,15 +389,14 @@ class Trainer:
                     mid = self.evaluate(f"step{done}", key=self.eval_key())
                     if mid is not None:
                         logger.log(done, {f"eval/{k}": v for k, v in mid.metrics.items()}, force=True)
-                if self.distribution is not None and self.distribution.due(done, last):
-                    self.probe_distribution(done, logger)
         return done, completed
 
     def checkpoint_contents(self, done: int) -> tuple[Any, dict[str, Any]]:
         """What a checkpoint after `done` steps holds: the train state and, in the sidecar, the data position
-        (and the LoRA base's record). Asynchronous rollouts add the parameter versions that sample the
+        (and the LoRA base's record, and the distribution probes so far). Asynchronous rollouts add the parameter versions that sample the
         in-flight rollouts, and the position is the one before their rows: a resumed run samples them again."""
-        meta = {"data": self.prompts.state.to_json(), **({"base": self.base_record} if self.lora else {})}
+        meta = {"data": self.prompts.state.to_json(), **({"base": self.base_record} if self.lora else {}),
+                **({"distribution": self.distribution_history} if self.distribution_history else {})}
         if not self.async_versions:
             return self.state, meta
         meta["data"] = self.pipeline.data_position(done)
