@@ -10,7 +10,9 @@ Rows:
   - PowerFlow alpha = 4 (no labels), supervised GRPO (correctness reward), and GRPO on self-certainty
     (an RLIF baseline, no labels): trained with configs/reproduce_gemma/*.yaml, one run per seed, each
     evaluated at T = 1 with that seed's sampling key.
-Metrics: avg@n, maj@n, pass@k and two diversity measures with spread for short answers (distinct answers
+An answer is the response's first line read as an integer (the `arithmetic` checker, the same one the
+GRPO reward uses); sampling stops at a newline token ("\n" or "\n\n", both single tokens of Gemma's
+vocabulary), and what follows a first line cannot change the score. Metrics: avg@n, maj@n, pass@k and two diversity measures with spread for short answers (distinct answers
 per problem, answer entropy); each seed's figure has its 95% interval bootstrapped over problems, and the
 table gives the mean ± std over seeds.
 
@@ -93,7 +95,8 @@ def run(argv: list[str], log: Path) -> float:
 
 def evaluate(models: list[str], methods: list[str], test: Path, args: argparse.Namespace, seed: int,
              out_dir: Path) -> tuple[list[dict], float]:
-    argv = ["-m", "pf_jax.eval", "--problems", str(test), "--checker", "integer", "--stop", "\\n",
+    argv = ["-m", "pf_jax.eval", "--problems", str(test), "--checker", "arithmetic",
+            "--stop", "\\n", "--stop", "\\n\\n",
             "--n", str(args.n), "--max-new-tokens", str(args.max_new_tokens), "--seed", str(seed),
             "--ks", f"1,{args.n}", "--prompts-per-call", str(args.prompts_per_call), "--run-dir", str(out_dir),
             "--diversity-metric", "distinct_answers", *[a for m in models for a in ("--model", m)],
@@ -110,8 +113,13 @@ def row_figures(method: dict, n: int) -> dict[str, dict]:
             for column, name in names.items()}
 
 
-def train(recipe: str, seed: int, args: argparse.Namespace, train_rows: Path) -> tuple[Path, float]:
+def train(recipe: str, seed: int, args: argparse.Namespace, train_rows: Path) -> tuple[Path, float | None]:
+    """One trained row's run; its export and wall seconds (None: --reuse-exports found the export)."""
     name = f"{Path(recipe).stem}-seed{seed}"
+    if args.reuse_exports and (args.runs_dir / name / "export" / "config.json").is_file():
+        print(f"[reproduce_gemma] seed {seed}: {recipe}: reusing {args.runs_dir / name / 'export'}", flush=True)
+        return args.runs_dir / name / "export", None
+    print(f"[reproduce_gemma] seed {seed}: training {recipe} ({args.steps} steps)", flush=True)
     argv = ["-m", "pf_jax.train", "--config", str(RECIPES / recipe), f"seed={seed}", f"steps={args.steps}",
             f"data.source={train_rows}", f"logging.run_name={name}", f"logging.runs_dir={args.runs_dir}",
             "logging.progress_bar=false"]
@@ -147,6 +155,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--prompts-per-call", type=int, default=16)
     ap.add_argument("--runs-dir", type=Path, default=Path("runs/reproduce_gemma"))
     ap.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/reproduce_gemma.json")
+    ap.add_argument("--reuse-exports", action="store_true",
+                    help="evaluate a trained row's existing export under --runs-dir instead of training it again")
     ap.add_argument("--quick", action="store_true", help="1 seed, 1 step, 4 test problems, n 2: a smoke run")
     args = ap.parse_args(argv)
     if args.quick:
@@ -174,9 +184,9 @@ def main(argv: list[str] | None = None) -> dict:
             rows[label].append(row_figures(method, args.n))
         exports = {}
         for label, recipe in TRAINED_ROWS.items():
-            print(f"[reproduce_gemma] seed {seed}: training {recipe} ({args.steps} steps)", flush=True)
             exports[label], wall = train(recipe, seed, args, train_rows)
-            walls.setdefault(f"train {recipe}", []).append(wall)
+            if wall is not None:
+                walls.setdefault(f"train {recipe}", []).append(wall)
         print(f"[reproduce_gemma] seed {seed}: the {len(exports)} trained policies at T = 1", flush=True)
         models = [f"{Path(recipe).stem}={exports[label]}" for label, recipe in TRAINED_ROWS.items()]
         methods, wall = evaluate(models, ["base:T=1"], test, args, seed, args.runs_dir / f"eval-trained-seed{seed}")
