@@ -29,8 +29,18 @@ def test_the_task_is_split_by_hash_with_correct_answers_and_no_worked_example():
     assert {q.split()[1] for q in questions["test"]} == {"+", "-", "*"}
 
 
+def _available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
 @pytest.mark.slow
 def test_the_quick_run_fills_every_row_with_intervals(tmp_path):
+    free = _available_gib()  # a Gemma training subprocess peaks near 10 GiB beside this worker's own memory
+    if free < 12:
+        pytest.skip(f"needs ~12 GiB of free memory for Gemma training subprocesses; {free:.1f} GiB available")
     out = tmp_path / "gemma.json"
     command = [sys.executable, "benchmarks/reproduce_gemma.py", "--quick", "--runs-dir", str(tmp_path / "runs"),
                "--json", str(out)]
