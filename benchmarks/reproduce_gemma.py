@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -39,7 +38,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "benchmarks"))
-from reproduce_table import cpu_name  # noqa: E402
+from reproduce_table import cpu_name, summary  # noqa: E402
 
 FEW_SHOT = "6 + 3 = 9\n15 - 7 = 8\n4 * 5 = 20\n12 + 9 = 21\n{question} ="  # its answer ends at a newline
 RECIPES = REPO / "configs" / "reproduce_gemma"
@@ -125,11 +124,6 @@ def train(recipe: str, seed: int, args: argparse.Namespace, train_rows: Path) ->
             "logging.progress_bar=false"]
     wall = run(argv, args.runs_dir / f"{name}.log")
     return args.runs_dir / name / "export", wall
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "n": len(values)}
 
 
 def table(rows: dict[str, list[dict]], n: int) -> str:
