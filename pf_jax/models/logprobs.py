@@ -26,11 +26,14 @@ def _chunk_forward(hidden: Array, lm_head: Array, targets: Array, softcap: float
                    entropy: bool) -> tuple[Array, Array, Array]:
     """One chunk: (log p(target) [C], entropy [C] (zeros unless `entropy`), log-normaliser [C])."""
     z, _ = _chunk_logits(hidden, lm_head, softcap, temperature)
-    log_norm = jax.nn.logsumexp(z, axis=-1)
+    peak = jnp.max(z, axis=-1, keepdims=True)
+    e = jnp.exp(z - peak)  # one exp pass serves both sums (XLA fuses them): H = log Z - sum_v e_v z_v / sum_v e_v
+    total = jnp.sum(e, axis=-1)
+    log_norm = peak[:, 0] + jnp.log(total)
     target = jnp.take_along_axis(z, targets[:, None], axis=-1)[:, 0] - log_norm
     if not entropy:
         return target, jnp.zeros_like(target), log_norm
-    return target, log_norm - jnp.sum(jnp.exp(z - log_norm[:, None]) * z, axis=-1), log_norm
+    return target, log_norm - jnp.sum(e * z, axis=-1) / total, log_norm
 
 
 def _chunk_backward(hidden: Array, lm_head: Array, targets: Array, log_norm: Array, ent: Array, g_logp: Array,
