@@ -70,8 +70,8 @@ def make_spec(args: argparse.Namespace, work: Path) -> dict:
         "reward": "reward:boxed_match", "prompts": args.prompts, "samples": args.samples,
         "max_new_tokens": args.max_new_tokens, "beta": 0.04, "lr": 1e-6,
         "grad_accum_steps": args.prompts * args.samples // args.micro_batch, "micro_batch": args.micro_batch,
-        "pf_jax_logprob_chunk": args.logprob_chunk, "warmup": args.warmup, "steps": args.steps,
-        "threads": args.threads,
+        "pf_jax_logprob_chunk": args.logprob_chunk, "pf_jax_scan_layers": not args.unrolled_layers, "warmup": args.warmup,
+        "steps": args.steps, "threads": args.threads,
     }
 
 
@@ -145,6 +145,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=8, help="sequences per gradient-accumulation step")
     parser.add_argument("--logprob-chunk", type=int, default=256, help="pf_jax's model.logprob_chunk")
+    parser.add_argument("--unrolled-layers", action="store_true",
+                        help="pf_jax's model.scan_layers=false (unrolled, as Tunix's and torch's layers; default: scanned)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--steps", type=int, default=3)

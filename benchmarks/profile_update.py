@@ -67,7 +67,7 @@ def main() -> None:
     n = args.prompts * args.samples
     spec = {"dtype": "float32", "data": str(DATA), "beta": 0.04, "reward": "reward:boxed_match",
             "prompts": args.prompts, "samples": args.samples, "max_new_tokens": args.max_new_tokens, "lr": 1e-6,
-            "grad_accum_steps": n // (args.micro_batch or n), "pf_jax_logprob_chunk": args.logprob_chunk}
+            "grad_accum_steps": n // (args.micro_batch or n), "pf_jax_logprob_chunk": args.logprob_chunk, "pf_jax_scan_layers": True}
     with tempfile.TemporaryDirectory() as runs:
         cfg = load_config(TrainConfig, None, overrides(spec, runs))
         trainer = Trainer(cfg)

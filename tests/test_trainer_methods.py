@@ -5,11 +5,13 @@ import math
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from pf_jax.config import ConfigError, load_config
 from pf_jax.config.recipe import TrainConfig
 from pf_jax.methods.compose import load_recipe
 from pf_jax.methods.registry import METHODS
+from pf_jax.training.checkpoint import CheckpointMismatchError
 from pf_jax.training.trainer import Trainer
 
 TINY = [
@@ -111,3 +113,28 @@ def test_misspelt_loss_argument_names_the_nearest(tmp_path):
                                           "method.loss={clip_lo: 0.1}", f"logging.runs_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="clip_low"):
         Trainer(cfg)
+
+
+def test_unrolled_layers_train_like_scanned_layers(tmp_path):
+    """model.scan_layers=false stores one parameter set per layer, starts from the same values and takes
+    the same steps as the stacked, scanned layout (to float rounding: the GRPO loss is a near-cancelling sum
+    of advantages x ratios, and AdamW turns rounding-level gradient differences into up-to-lr updates);
+    resuming its checkpoint with the other layout is refused, naming the key."""
+    runs = {}
+    for scan in (True, False):
+        cfg = load_config(TrainConfig, None, [*TINY, "model.tiny.num_layers=2", "steps=2", "method.name=grpo",
+                                              "reward.name=entropy", f"model.scan_layers={str(scan).lower()}",
+                                              f"logging.runs_dir={tmp_path}", f"logging.run_name=scan-{scan}"])
+        trainer = Trainer(cfg)
+        result = trainer.run()
+        model = nnx.merge(trainer.graphdefs["policy"], trainer.state.params["policy"])
+        assert model.scan_layers is scan and result.completed
+        runs[scan] = (result.summary["loss"], jax.tree_util.tree_map(np.asarray, model.stacked_layer_arrays()))
+    assert runs[False][0]["first"] == pytest.approx(runs[True][0]["first"], rel=1e-5)
+    assert runs[False][0]["last"] == pytest.approx(runs[True][0]["last"], abs=1e-4)
+    jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-4), runs[True][1], runs[False][1])
+    resume_other = load_config(TrainConfig, None, [*TINY, "model.tiny.num_layers=2", "steps=3", "method.name=grpo",
+                                                   "reward.name=entropy", "model.scan_layers=false",
+                                                   f"logging.runs_dir={tmp_path}", "logging.run_name=scan-True"])
+    with pytest.raises(CheckpointMismatchError, match=r"model\.scan_layers"):
+        Trainer(resume_other).run()

@@ -27,6 +27,7 @@ def overrides(spec: dict, runs_dir: str) -> list[str]:
     return [
         "model.name=gemma3-270m", f"model.dtype={spec['dtype']}", f"model.param_dtype={spec['dtype']}",
         "model.chat_template=gemma3", f"model.logprob_chunk={spec['pf_jax_logprob_chunk']}",
+        f"model.scan_layers={str(spec['pf_jax_scan_layers']).lower()}",
         f"data.source={spec['data']}", "data.shuffle=false",
         "method.name=grpo", f"method.loss={{kl_coef: {spec['beta']}}}",
         f"reward.name={spec['reward']}",

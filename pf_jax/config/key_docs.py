@@ -24,6 +24,7 @@ KEY_DOCS: dict[str, str] = {
     "model.tiny.tokenizer": "char (arithmetic) | words (instruction tasks) | maze-words (the maze)",
     "model.dtype": "compute dtype: float32 | bfloat16",
     "model.param_dtype": "storage dtype of the trained parameters (float32 + dtype bfloat16 = mixed precision)",
+    "model.scan_layers": "stack the layers and lax.scan them (false: unrolled, one parameter set per layer; a much longer compile)",
     "model.remat": "rematerialise each layer in the backward pass (less memory, ~1/3 more compute)",
     "model.logprob_chunk": "tokens per chunk when log-probs are computed (never [batch, time, vocab] at once)",
     "model.chat_template": "false: plain text prompts; true: the tokenizer's template; a name (gemma3, qwen2.5) or .jinja path",

@@ -184,9 +184,11 @@ def tpu_ops() -> Any:
     return select_ops("tpu")
 
 
-def abstract_decoder(cfg: TrainConfig, *, scan_layers: bool = True, ops: Any = None) -> Decoder:
+def abstract_decoder(cfg: TrainConfig, *, scan_layers: bool | None = None, ops: Any = None) -> Decoder:
     """The recipe's policy as nnx.eval_shape builds it (ShapeDtypeStructs), with the TPU ops (or `ops`,
-    e.g. pf_jax.models.ops.XlaOps() to measure the einsum attention instead of splash)."""
+    e.g. pf_jax.models.ops.XlaOps() to measure the einsum attention instead of splash); its layers laid out
+    as model.scan_layers says, unless `scan_layers` is given."""
+    scan_layers = cfg.model.scan_layers if scan_layers is None else scan_layers
     model_cfg = recipe_model_config(cfg.model, runs_dir=cfg.logging.runs_dir)
     dtype = lambda name: jnp.bfloat16 if name == "bfloat16" else jnp.float32
     def build() -> Decoder:

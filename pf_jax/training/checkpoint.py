@@ -274,8 +274,8 @@ class Checkpointer:
         if mismatch:
             raise CheckpointMismatchError(
                 f"checkpoint {step_dir} holds a different state than this run's: {mismatch}. It was written by "
-                "another model, optimizer or recipe: resume it with that recipe, or run this one in another "
-                "directory (logging.run_name or checkpoint.dir)")
+                "another model, optimizer or recipe (model.scan_layers changes how the layers are stored): resume it "
+                "with that recipe, or run this one in another directory (logging.run_name or checkpoint.dir)")
         meta = self._read(step, ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if not isinstance(meta, dict) or meta.get("step") != step:
             raise CorruptCheckpointError(f"checkpoint {step_dir} has a sidecar for step "

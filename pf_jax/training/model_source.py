@@ -14,7 +14,7 @@ from pf_jax.config.recipe import CONFIGS_DIR, LoraSection, ModelSection
 from pf_jax.data.codec import CharCodec, HFCodec, TextCodec
 from pf_jax.data.saved_codec import load_codec
 from pf_jax.models.config import ModelConfig
-from pf_jax.models.decoder import Decoder
+from pf_jax.models.decoder import Decoder, with_layer_layout
 from pf_jax.models.hf_io import load_hf_directory
 from pf_jax.models.lora import LoraSpec, add_adapters
 from pf_jax.models.ops import select_ops
@@ -80,6 +80,8 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
         config, codec = tiny_model_config(cfg)
         model = Decoder(config, rngs=nnx.Rngs(cfg.tiny.init_seed), dtype=dtype, param_dtype=param_dtype,
                         remat=cfg.remat, ops=select_ops(jax.default_backend()))
+        if not cfg.scan_layers:  # initialised stacked, so both layouts start from the same values
+            model = with_layer_layout(model, scan_layers=False)
         return (model if cfg.lora is None else with_adapters(model, cfg.lora)), codec
     if name in BUILT_IN_BASES:
         name = str(built_in_base_directory(name, runs_dir))
@@ -89,12 +91,12 @@ def load_policy(cfg: ModelSection, *, runs_dir: str | Path) -> tuple[Decoder, Te
                               f"{BUILT_IN_BASES[cfg.name][0]} logging.runs_dir={runs_dir})")
     path = Path(name)
     if path.is_dir():
-        model = load_hf_directory(path, dtype=dtype, param_dtype=param_dtype)
+        model = load_hf_directory(path, dtype=dtype, param_dtype=param_dtype, scan_layers=cfg.scan_layers)
         codec = load_codec(path, chat_template=cfg.chat_template, eos_ids=model.cfg.eos_token_ids)
     else:
         from pf_jax.models.registry import load_model
 
-        model, tokenizer = load_model(name, dtype=dtype, param_dtype=param_dtype)
+        model, tokenizer = load_model(name, dtype=dtype, param_dtype=param_dtype, scan_layers=cfg.scan_layers)
         codec = HFCodec(tokenizer, chat_template=cfg.chat_template, eos_ids=model.cfg.eos_token_ids)
     model.remat = cfg.remat  # rematerialise each layer in the backward pass (a static attribute of the graph)
     model.ops = select_ops(jax.default_backend())  # splash attention on TPU, cuDNN on GPU, einsums on CPU
