@@ -5,8 +5,9 @@ Prompts: the eval fixtures (pf_jax/configs/eval: word problems and arithmetic, e
 template), repeated to --prompts, --samples each, temperature 1 over the full vocabulary, stop string
 "\\n\\n" (the fixtures' answer ends there) and EOS: natural lengths with a long tail up to max_new_tokens.
 The stop string ends a row inside the decode loop through the ids of the tokens whose text holds it
-(e.g. "\\n\\n", "\\n\\n\\n"); a stop spread over two tokens is cut afterwards on the text
-(pf_jax.sampling.stops), as the trainer does, and the tokens after it are not counted.
+(e.g. "\\n\\n", "\\n\\n\\n") and through its token sequences (two "\\n" tokens:
+pf_jax.sampling.stops.stop_token_sequences, as the trainer's rollouts); a stop spelled otherwise is cut
+afterwards on the text (pf_jax.sampling.stops), as the trainer does, and the tokens after it are not counted.
 
 - static: the samples in calls of --slots rows (slots / samples prompts each), each call decoding until
   its longest row ends; draws keyed per sample (sample_keys, first_sample), so that both rollouts draw
@@ -43,7 +44,7 @@ import numpy as np
 
 from pf_jax.models.registry import load_model
 from pf_jax.sampling import GenerationConfig, SamplingParams, bucket_length, generate
-from pf_jax.sampling.stops import cut_at_stops
+from pf_jax.sampling.stops import cut_at_stops, stop_token_sequences
 
 FIXTURES = Path(__file__).resolve().parents[1] / "pf_jax" / "configs" / "eval"
 STOP = "\n\n"
@@ -114,9 +115,11 @@ def main() -> None:
     model, tokenizer = load_model("gemma3-270m", dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=False)
     ids = [tokenizer(p).input_ids for p in fixture_prompts(args.prompts)]
     stops = stop_ids(tokenizer, STOP)
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=1.0),
-                              stop_token_ids=stops, min_prompt_bucket=8, sample_keys=True)
     decode = lambda tokens: tokenizer.decode(tokens)
+    encode = lambda text: tokenizer(text, add_special_tokens=False).input_ids
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=1.0),
+                              stop_token_ids=stops, min_prompt_bucket=8, sample_keys=True,
+                              stop_sequences=stop_token_sequences((STOP,), encode, decode))
     runs = {"static": static_rollout, "continuous": continuous_rollout}
     times: dict[str, list[float]] = {k: [] for k in runs}
     useful: dict[str, list[int]] = {k: [] for k in runs}
@@ -152,6 +155,7 @@ def main() -> None:
         "load_average_end": os.getloadavg()[0],
         "prompts": args.prompts, "samples_per_prompt": args.samples, "slots": args.slots,
         "max_new_tokens": args.max_new_tokens, "repeats": args.repeats, "stop": STOP, "stop_token_ids": len(stops),
+        "stop_sequences": [list(seq) for seq in config.stop_sequences],
         "seconds": times, "useful_tokens": useful, "identical_samples_fraction": identical,
         "static_decode_steps_per_run": static_steps,
         "static_useful_tok_s_median": rate["static"], "continuous_useful_tok_s_median": rate["continuous"],

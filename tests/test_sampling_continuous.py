@@ -5,6 +5,7 @@ max_new_tokens); log-probs equal teacher forcing; the decode program compiles on
 bucket; slot counts that are not positive or whose KV cache does not fit are one clear error."""
 
 import dataclasses
+from collections import Counter
 
 import jax
 import numpy as np
@@ -113,3 +114,32 @@ def test_generate_cli_refuses_non_positive_slots(capsys):
 
     code = main(["--prompt", "2+2=", "--batching", "continuous", "--slots", "-1"])
     one_line_exit_2(capsys, "pf_jax.generate", code, "slots", "must be >= 1, got -1")
+
+
+def test_stop_sequences_end_rows_in_the_loop_as_the_cut_would():
+    """A two-token stop sequence ends a row in the decode loop, static and continuous alike (the slot goes
+    to the next sample): each row keeps exactly the tokens and log-probs of a run without it, up to the
+    token that first completes the sequence, and finishes "stop"."""
+    model = tiny_model("llama", seed=1)
+    config = GenerationConfig(max_new_tokens=12, eos_token_ids=(3,), min_prompt_bucket=8, sample_keys=True)
+    free = generate(model, PROMPTS, jax.random.key(7), config, n=3)
+    tokens, lengths = np.asarray(free.tokens), np.asarray(free.lengths)
+    pairs = Counter((int(r[j]), int(r[j + 1])) for r, n in zip(tokens, lengths) for j in range(n - 1)
+                    if 3 not in r[j : j + 2])
+    seq = pairs.most_common(1)[0][0]
+    ends = [next((j + 1 for j in range(1, n) if tuple(r[j - 1 : j + 1]) == seq), None) for r, n in zip(tokens, lengths)]
+    assert sum(e is not None for e in ends) >= 2 and None in ends, ends
+    for batching, slots in (("static", None), ("continuous", 2)):
+        cut = generate(model, PROMPTS, jax.random.key(7),
+                       dataclasses.replace(config, stop_sequences=(seq,), batching=batching, slots=slots), n=3)
+        for row, end in enumerate(ends):
+            n = int(lengths[row]) if end is None else end
+            assert int(cut.lengths[row]) == n, (batching, row)
+            assert cut.finish_reasons[row] == ("stop" if end is not None else free.finish_reasons[row])
+            for name in ("tokens", "policy_logprobs", "sampling_logprobs"):
+                np.testing.assert_array_equal(np.asarray(getattr(cut, name))[row, :n],
+                                              np.asarray(getattr(free, name))[row, :n], err_msg=name)
+            assert not np.asarray(cut.response_mask)[row, n:].any()
+    for bad in ((), (5, 64)):
+        with pytest.raises(ValueError, match="stop_sequences"):
+            dataclasses.replace(config, stop_sequences=(bad,)).resolved(model)

@@ -14,7 +14,7 @@ from pf_jax.data.codec import CharCodec, HFCodec
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
 from pf_jax.sampling.sampler import GenerationConfig, generate
-from pf_jax.sampling.stops import cut_at_stops, stop_position, unescape
+from pf_jax.sampling.stops import cut_at_stops, stop_position, stop_token_sequences, unescape
 from pf_jax.sampling.texts import generation_config, sample_responses
 from tests.chat_fixtures import qwen_tokenizer
 from tests.test_sampling_cli import model_dir, run_cli  # noqa: F401 - the CLI's tiny model fixture
@@ -37,6 +37,19 @@ def test_a_stop_spanning_several_bpe_tokens_is_found_and_the_text_ends_with_it()
     assert len(tokenizer("</answer>", add_special_tokens=False)["input_ids"]) > 1  # it is a multi-token stop
     assert stop_position(ids, decode, ["\n\n"]) is None
     assert unescape(r"a\n\nb\t\\n") == "a\n\nb\t\\n"
+
+
+def test_stop_strings_become_the_loops_token_sequences():
+    """The sampler's loop ends rows on each stop string's own encoding, without the response encoder's
+    EOS; rollouts pass them to it."""
+    codec = CharCodec()
+    seqs = stop_token_sequences(["12", "\n\n"], codec.encode_response, codec.decode_response)
+    assert sorted(codec.decode_response(s) for s in seqs) == ["\n\n", "12"] and all(len(s) == 2 for s in seqs)
+    hf = HFCodec(qwen_tokenizer())
+    answer = stop_token_sequences(["</answer>"], hf.encode_response, hf.decode_response)
+    own = tuple(hf.tokenizer("</answer>", add_special_tokens=False)["input_ids"])
+    assert own in answer and len(own) > 1 and all(hf.decode_response(s) == "</answer>" for s in answer)
+    assert generation_config(RolloutSection(max_new_tokens=8, stop=["</answer>"]), hf).stop_sequences == answer
 
 
 def test_generated_rows_are_cut_after_the_completing_token():

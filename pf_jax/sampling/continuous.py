@@ -1,5 +1,5 @@
-"""Continuous batching: a fixed number of decode rows (slots); when a slot's sample ends (EOS, a stop id,
-max_new_tokens), the next waiting sample takes the slot at the next step, until every sample is done.
+"""Continuous batching: a fixed number of decode rows (slots); when a slot's sample ends (EOS, a stop id or
+stop sequence, max_new_tokens), the next waiting sample takes the slot at the next step, until every sample is done.
 
 The prompts are prefilled once, as the static sampler prefills them (one batch, the same cache length),
 and each prompt's first P cache slots are kept; admitting sample m copies its prompt's slots into the
@@ -36,6 +36,7 @@ from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, Sampl
 from pf_jax.sampling.sampler import (
     BATCHED_DECODERS,
     GenerationConfig,
+    completes_sequence,
     decode_packing,
     excluded_ends,
     prefill,
@@ -163,7 +164,7 @@ def _admit(c: dict, prompt: dict[str, Array], prompt_hidden: Array, samples: Arr
 
 def _emit(model: Decoder, ops, c: dict, key: Array, first_sample: Array, config: GenerationConfig) -> dict:
     """Every running slot draws token j of its sample (keyed by sample id and j) and records it; a sample
-    ends on an EOS ("eos"), a stop id ("stop") or its max_new_tokens-th token ("length")."""
+    ends on an EOS ("eos"), a stop id or stop sequence ("stop") or its max_new_tokens-th token ("length")."""
     logits = model.logits(c["hidden"][:, None], ops=ops)[:, 0]
     excluded = excluded_ends(c["j"], config, model.cfg.vocab_size)
     keys = sample_step_keys(key, first_sample + c["sample"], c["j"])
@@ -171,6 +172,7 @@ def _emit(model: Decoder, ops, c: dict, key: Array, first_sample: Array, config:
     running, sample, j = c["running"], c["sample"], c["j"]
     is_eos = jnp.isin(token, jnp.asarray(config.eos_token_ids, jnp.int32))
     is_stop = jnp.isin(token, jnp.asarray(config.stop_token_ids, jnp.int32))
+    is_stop = is_stop | completes_sequence(c["out"]["tokens"][sample], j, token, config.stop_sequences)
     full = j + 1 >= config.max_new_tokens
     ended = running & (is_eos | is_stop | full)
     reason = jnp.where(is_eos, FINISH_EOS, jnp.where(is_stop, FINISH_STOP, FINISH_LENGTH))

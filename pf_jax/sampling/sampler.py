@@ -42,7 +42,10 @@ class GenerationConfig:
     eos_token_ids=None takes the model config's EOS ids. A sequence ends after emitting an EOS id
     (finish reason "eos") or a stop id ("stop"), or after max_new_tokens ("length"). Before
     min_new_tokens tokens, EOS and stop ids are excluded from the sampling distribution (as in
-    transformers), which changes sampling_logprobs but not policy_logprobs.
+    transformers), which changes sampling_logprobs but not policy_logprobs. A row also ends ("stop") on
+    the token that completes one of stop_sequences with the tokens before it: the stop strings' encodings
+    (pf_jax.sampling.stops.stop_token_sequences), so that a finished row stops decoding (its slot goes to
+    the next sample) instead of running on to be cut afterwards; the text-level cut stays the reference.
 
     batching "continuous" decodes `slots` rows at a time and refills a row with the next waiting sample
     as soon as its sample ends (pf_jax.sampling.continuous). Its draws are keyed per sample
@@ -59,6 +62,7 @@ class GenerationConfig:
     pad_token_id: int | None = None  # None: the model's pad id, else 0
     min_prompt_bucket: int = 16
     stop_strings: tuple[str, ...] = ()  # cut on the decoded text afterwards (pf_jax.sampling.stops)
+    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token ids that end a row in the loop (multi-token stops)
     batching: str = "static"  # "static": one batch of every sample; "continuous": pf_jax.sampling.continuous
     slots: int | None = None  # continuous: rows decoded at once (None: one per sample)
     sample_keys: bool = False  # draws keyed by (key, sample id, token index), as continuous batching's are
@@ -86,6 +90,9 @@ class GenerationConfig:
             bad = [i for i in ids if not 0 <= int(i) < vocab]
             if bad:
                 raise ValueError(f"{name} {bad} outside the model's vocabulary [0, {vocab})")
+        bad = [seq for seq in self.stop_sequences if not seq or not all(0 <= int(i) < vocab for i in seq)]
+        if bad:
+            raise ValueError(f"stop_sequences {bad} are empty or leave the model's vocabulary [0, {vocab})")
         return dataclasses.replace(self, eos_token_ids=tuple(sorted({int(i) for i in eos})),
                                    stop_token_ids=tuple(sorted({int(i) for i in self.stop_token_ids})),
                                    pad_token_id=int(pad))
@@ -223,7 +230,8 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, cache: KVCa
         else:
             token, policy_logp, sample_logp = sample_next_token(
                 jax.random.fold_in(key, i), logits, config.sampling, excluded, rowwise=layout.rowwise)
-        return _record(carry, i, token, policy_logp, sample_logp, eos=eos, stop=stop, pad=pad)
+        completes = completes_sequence(carry["tokens"], jnp.broadcast_to(i, (batch,)), token, config.stop_sequences)
+        return _record(carry, i, token, policy_logp, sample_logp, completes, eos=eos, stop=stop, pad=pad)
 
     def keep_going(carry: dict[str, Array]) -> Array:
         return (carry["i"] < steps) & ~jnp.all(carry["done"])
@@ -248,6 +256,19 @@ def excluded_ends(index: Array, config: GenerationConfig, vocab_size: int) -> Ar
     if config.min_new_tokens == 0 or not ends:
         return None
     return jnp.where(index[:, None] < config.min_new_tokens, jnp.asarray(ends, jnp.int32)[None], vocab_size)
+
+
+def completes_sequence(history: Array, index: Array, token: Array, sequences: tuple[tuple[int, ...], ...]) -> Array:
+    """bool [N]: whether `token`, each row's token number `index` [N], completes one of `sequences` with
+    the row's earlier tokens (history [N, steps], history[:, t] = token t)."""
+    hit = jnp.zeros(token.shape, bool)
+    for seq in sequences:
+        match = (token == seq[-1]) & (index >= len(seq) - 1)
+        for back in range(1, len(seq)):
+            earlier = jnp.take_along_axis(history, jnp.maximum(index - back, 0)[:, None], axis=1)[:, 0]
+            match = match & (earlier == seq[-1 - back])
+        hit = hit | match
+    return hit
 
 
 def sample_step_keys(key: Array, samples: Array, index: Array) -> Array:
@@ -283,12 +304,12 @@ def _empty_outputs(batch: int, steps: int, pad: int) -> dict[str, Array]:
     )
 
 
-def _record(carry: dict[str, Array], i: Array, token: Array, policy_logp: Array, sample_logp: Array, *,
-            eos: Array, stop: Array, pad: int) -> dict[str, Array]:
+def _record(carry: dict[str, Array], i: Array, token: Array, policy_logp: Array, sample_logp: Array,
+            completes: Array, *, eos: Array, stop: Array, pad: int) -> dict[str, Array]:
     """Step i's token and log-probs written for the rows still running (finished rows keep padding); a row
-    ends on an EOS ("eos") or a stop id ("stop")."""
+    ends on an EOS ("eos"), a stop id or the token completing a stop sequence (`completes`: "stop")."""
     active = ~carry["done"]
-    is_eos, is_stop = jnp.isin(token, eos), jnp.isin(token, stop)
+    is_eos, is_stop = jnp.isin(token, eos), jnp.isin(token, stop) | completes
     ended = active & (is_eos | is_stop)
     put = lambda buf, value, fill: buf.at[:, i].set(jnp.where(active, value, fill))
     return dict(

@@ -2,8 +2,10 @@
 one of them, matched on the decoded text so that a stop spanning several tokens ("\\n\\n" as two "\\n"
 tokens, "</answer>" as four) is found, as vLLM and transformers' StopStringCriteria do.
 
-The sampler's compiled loop knows token ids only; it runs on to EOS or max_new_tokens, and the sequences
-are cut here afterwards: the tokens after the completing one become padding (mask False, log-probs 0),
+The sampler's compiled loop knows token ids only. It ends a row early on a stop string's own encoding
+(stop_token_sequences, GenerationConfig.stop_sequences), which frees the row (continuous batching gives it
+to the next sample); a stop completed by another tokenisation of it is found only here. Either way the
+sequences are cut here afterwards: the tokens after the completing one become padding (mask False, log-probs 0),
 the finish reason becomes "stop", and the text ends with the stop string (kept, as transformers keeps
 it; text the completing token adds after the stop is dropped). Tokens before the cut are exactly the
 ones an early stop would have produced: each step's draw depends on its own key only.
@@ -19,6 +21,25 @@ import numpy as np
 from pf_jax.sampling.result import FINISH_STOP, SampleResult
 
 Decode = Callable[[Sequence[int]], str]
+
+
+def stop_token_sequences(stops: Sequence[str], encode: Callable[[str], Sequence[int]], decode: Decode
+                         ) -> tuple[tuple[int, ...], ...]:
+    """Token ids that spell each stop string, for the sampler's loop to end a row on: the string's own
+    encoding and its characters' encodings in a row ("\\n\\n" as two "\\n" tokens), each without the tokens
+    at either end that add no text (a response encoder's EOS), kept where they decode back to the stop
+    exactly (the others are left to the cut). An in-loop end is never before the cut's: its tokens decode
+    to text holding the stop."""
+    def trimmed(text: str) -> tuple[int, ...]:
+        seq = [int(i) for i in encode(text)]
+        while len(seq) > 1 and decode(seq[:-1]) == decode(seq):
+            seq = seq[:-1]
+        while len(seq) > 1 and decode(seq[1:]) == decode(seq):
+            seq = seq[1:]
+        return tuple(seq)
+
+    sequences = {trimmed(s) for s in stops} | {sum((trimmed(c) for c in s), ()) for s in stops}
+    return tuple(sorted(seq for seq in sequences if seq and decode(seq) in stops))
 
 
 def _stop_end(text: str, stops: Sequence[str]) -> int | None:

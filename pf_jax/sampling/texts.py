@@ -17,7 +17,7 @@ from pf_jax.data.sequences import SequenceBatch
 from pf_jax.models.decoder import Decoder
 from pf_jax.sampling.filters import SamplingParams
 from pf_jax.sampling.sampler import GenerationConfig, generate
-from pf_jax.sampling.stops import cut_at_stops
+from pf_jax.sampling.stops import cut_at_stops, stop_token_sequences
 
 
 def generation_config(rollout: RolloutSection, codec: TextCodec, *, temperature: float | None = None
@@ -29,6 +29,7 @@ def generation_config(rollout: RolloutSection, codec: TextCodec, *, temperature:
         sampling=SamplingParams(temperature=t, top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p),
         eos_token_ids=tuple(codec.eos_ids), pad_token_id=codec.pad_id, min_prompt_bucket=8,
         stop_strings=tuple(rollout.stop), batching=rollout.batching, slots=rollout.slots,
+        stop_sequences=stop_token_sequences(rollout.stop, codec.encode_response, codec.decode_response),
     )
 
 
