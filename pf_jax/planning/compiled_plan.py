@@ -401,7 +401,10 @@ def compile_sampler(r: AbstractRecipe) -> list[ProgramPlan]:
     hidden = _rows(SDS(hidden.shape, hidden.dtype), layout, r.mesh)
     lengths = _rows(SDS((hidden.shape[0],), jnp.int32), layout, r.mesh)
     key = SDS((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated(r.mesh))
-    codec = types.SimpleNamespace(eos_ids=model.cfg.eos_token_ids, pad_id=model.cfg.pad_token_id or 0)
+    # No tokenizer is loaded for a plan, so the stop strings spell no token sequences here: the planned
+    # decode loop leaves out their few compares per step.
+    codec = types.SimpleNamespace(eos_ids=model.cfg.eos_token_ids, pad_id=model.cfg.pad_token_id or 0,
+                                  encode_response=lambda text: [], decode_response=lambda ids: "")
     config = generation_config(r.cfg.rollout, codec).resolved(model)
     trace = lambda: _decode.trace(graphdef, state, hidden, cache, lengths, key, None, config=config, layout=layout)
     decode_plan, _ = _compile("sampler decode", trace, (state, hidden, cache, lengths), alive=SAMPLER_ALIVE,
