@@ -113,7 +113,7 @@ class ModelSection(Section):
     scan_layers: store the layers stacked and run them as one lax.scan (MaxText's `scan_layers`): one
     compiled block however deep the model, the layout for TPU pods. false: one parameter set per layer,
     unrolled, as torch and Tunix hold them. XLA:CPU then reads each layer's weights in place (Gemma 3 270M's
-    GRPO gradient 10.0 -> 8.4 s in isolation on a 2-core AVX2 EPYC), but the whole step gained nothing on an
+    GRPO gradient 9.8 -> 8.6 s in isolation on a 2-core AVX2 EPYC), but the whole step gained nothing on an
     AVX-512 EPYC and the update compiled in 222 s instead of 13. A checkpoint keeps its layout; resuming
     with the other one is refused.
     """

@@ -262,12 +262,13 @@ def completes_sequence(history: Array, index: Array, token: Array, sequences: tu
     """bool [N]: whether `token`, each row's token number `index` [N], completes one of `sequences` with
     the row's earlier tokens (history [N, steps], history[:, t] = token t)."""
     hit = jnp.zeros(token.shape, bool)
+    if not sequences:
+        return hit
+    back = np.arange(1, max(map(len, sequences)))
+    earlier = jnp.take_along_axis(history, jnp.maximum(index[:, None] - back, 0), axis=1)  # tokens index-1, index-2, ...
     for seq in sequences:
-        match = (token == seq[-1]) & (index >= len(seq) - 1)
-        for back in range(1, len(seq)):
-            earlier = jnp.take_along_axis(history, jnp.maximum(index - back, 0)[:, None], axis=1)[:, 0]
-            match = match & (earlier == seq[-1 - back])
-        hit = hit | match
+        before = earlier[:, : len(seq) - 1] == jnp.asarray(seq[-2::-1], jnp.int32)  # seq[-2], seq[-3], ..., seq[0]
+        hit = hit | ((token == seq[-1]) & (index >= len(seq) - 1) & jnp.all(before, axis=1))
     return hit
 
 

@@ -32,9 +32,10 @@ def stop_token_sequences(stops: Sequence[str], encode: Callable[[str], Sequence[
     to text holding the stop."""
     def trimmed(text: str) -> tuple[int, ...]:
         seq = [int(i) for i in encode(text)]
-        while len(seq) > 1 and decode(seq[:-1]) == decode(seq):
+        spelt = decode(seq)  # what trimming keeps
+        while len(seq) > 1 and decode(seq[:-1]) == spelt:
             seq = seq[:-1]
-        while len(seq) > 1 and decode(seq[1:]) == decode(seq):
+        while len(seq) > 1 and decode(seq[1:]) == spelt:
             seq = seq[1:]
         return tuple(seq)
 
