@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -60,8 +60,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def load_for_generation(spec: str, chat: bool | None) -> tuple[Any, Encode, Decode]:
-    """(Decoder with unrolled layers, prompt -> ids, response ids -> text) for a --model spec."""
+class Loaded(NamedTuple):
+    """A --model spec loaded for generation: the Decoder (unrolled layers), prompt -> ids, response text ->
+    ids (what the sampler's loop matches stop strings with) and response ids -> text."""
+
+    model: Any
+    encode: Encode
+    encode_response: Encode
+    decode: Decode
+
+
+def load_for_generation(spec: str, chat: bool | None) -> Loaded:
+    """The model and its tokenizer's encoders and decoder for a --model spec."""
     from pf_jax.data.saved_codec import load_codec, own_tokenizer_file
 
     if Path(spec).is_dir() and own_tokenizer_file(spec) is not None:  # a pf_jax export of a tiny model
@@ -75,7 +85,7 @@ def load_for_generation(spec: str, chat: bool | None) -> tuple[Any, Encode, Deco
         model = load_hf_directory(spec, scan_layers=False)
         model.ops = select_ops(jax.default_backend())
         codec = load_codec(spec, eos_ids=model.cfg.eos_token_ids)
-        return model, codec.encode_prompt, codec.decode_response
+        return Loaded(model, codec.encode_prompt, codec.encode_response, codec.decode_response)
     from pf_jax.models.registry import load_model
     from pf_jax.sampling.chat import encode_prompt, has_chat_template
 
@@ -83,8 +93,9 @@ def load_for_generation(spec: str, chat: bool | None) -> tuple[Any, Encode, Deco
     if chat and not has_chat_template(tokenizer):
         raise ConfigError(f"--chat: the tokenizer of {spec} has no chat template; leave out --chat (or pass "
                           "--no-chat) for plain prompts")
-    return (model, lambda text: encode_prompt(tokenizer, text, chat_template=chat),
-            lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True))
+    return Loaded(model, lambda text: encode_prompt(tokenizer, text, chat_template=chat),
+                  lambda text: tokenizer.encode(text, add_special_tokens=False),
+                  lambda ids: tokenizer.decode(list(ids), skip_special_tokens=True))
 
 
 def with_adapter(model: Any, directory: str) -> Any:
@@ -123,9 +134,9 @@ def run(args: argparse.Namespace) -> int:
     import jax
 
     from pf_jax.sampling import generate
-    from pf_jax.sampling.stops import cut_at_stops, unescape
+    from pf_jax.sampling.stops import cut_at_stops, stop_token_sequences, unescape
 
-    config = _generation_config(args)
+    config, stops = _generation_config(args), [unescape(s) for s in args.stop]
     show_phases()  # loading weights, dequantising, building kernels: one line each on stderr
     console = Console(stderr=True)
     timings: dict[str, float] = {}
@@ -133,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
                   transient=True) as progress:
         task = progress.add_task(f"loading {args.model}", total=None)
         start = time.perf_counter()
-        model, encode, decode = load_for_generation(args.model, args.chat)
+        model, encode, encode_response, decode = load_for_generation(args.model, args.chat)
+        if stops:  # the loop ends a row on a stop's own tokens (its slot goes to the next sample)
+            config = dataclasses.replace(config, stop_sequences=stop_token_sequences(stops, encode_response, decode))
         if args.adapter is not None:
             model = with_adapter(model, args.adapter)
         prompt_ids = [encode(p) for p in args.prompt]
@@ -145,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
         result = generate(model, prompt_ids, jax.random.key(args.seed), config, n=args.num_samples)
         jax.block_until_ready(result.tokens)
         texts = [decode(t) for t in result.response_token_lists()]
-        if args.stop:  # cut each response after the token that completes its first stop string
-            result, texts = cut_at_stops(result, decode, [unescape(s) for s in args.stop], config.resolved(model).pad_token_id)
+        if stops:  # and every response is cut after the token completing its first stop string, however spelt
+            result, texts = cut_at_stops(result, decode, stops, config.resolved(model).pad_token_id)
         timings["generate_s"] = time.perf_counter() - start
         progress.update(task, description="done")
     samples = _samples(args, result, prompt_ids, texts)

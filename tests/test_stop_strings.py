@@ -109,8 +109,10 @@ def test_generate_cli_stop(model_dir):  # noqa: F811
     stop = " ".join(words[2:4])  # two words: two tokens of the word-level tokenizer
     proc = run_cli(*base, "--stop", stop)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    cut = json.loads(proc.stdout)["samples"][0]
+    out = json.loads(proc.stdout)
+    cut = out["samples"][0]
     assert cut["text"].endswith(stop) and cut["finish_reason"] == "stop"
+    assert [free["tokens"][2:4]] == out["config"]["stop_sequences"]  # the decode loop ends the row on them
     assert cut["tokens"] == free["tokens"][: len(cut["tokens"])] and len(cut["tokens"]) < len(free["tokens"])
 
 
