@@ -53,11 +53,12 @@ def sharded_runs() -> list[dict]:
 
 def test_sharded_sampling_equals_one_device(sharded_runs):
     """Tokens, masks, lengths, finish reasons equal; log-probs within LOGPROB_ATOL; for T = 1 with
-    min_new_tokens, top-k at T = 0.7 with a stop id, greedy, and power sampling; 3, 6 and 8 rows (padded
-    to the shard count where they do not divide)."""
+    min_new_tokens, top-k at T = 0.7 with a stop id, greedy, continuous batching (3 slots on one device, 8
+    and 4 on the meshes) and power sampling; 3, 6 and 8 rows (padded to the shard count where they do not
+    divide)."""
     runs = [r for r in sharded_runs if r["case"] != "cost"]
     assert {(tuple(r["mesh"]), r["case"]) for r in runs} == {
-        (m, c) for m in ((8, 1, 1), (2, 2, 2)) for c in ("t1_min_new", "topk_t07", "greedy", "power")}
+        (m, c) for m in ((8, 1, 1), (2, 2, 2)) for c in ("t1_min_new", "topk_t07", "greedy", "continuous", "power")}
     for r in runs:
         assert r["mismatched_entries"] == 0, r
         assert r["max_logprob_diff"] < LOGPROB_ATOL, r

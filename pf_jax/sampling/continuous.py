@@ -49,13 +49,11 @@ from pf_jax.sampling.sampler import (
 def continuous_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, config: GenerationConfig,
                         *, n: int, first_sample: int = 0) -> SampleResult:
     """generate(..., n) with config.batching "continuous" (unrolled layers; see the module docstring)."""
-    config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, n)
-    if layout.mesh is not None:
-        raise ConfigError("continuous batching decodes on one device; these weights are split over a mesh",
-                          hint="set rollout.batching=static for sharded sampling")
+    # prefilled once per prompt (n = 1): the prompt list padded until it divides by the row shards
+    config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, 1)
     samples = len(prompts) * n
-    slots = samples if config.slots is None else config.slots
-    check_kv_memory(model, slots, tokens.shape[1], config.max_new_tokens)
+    slots = layout.padded_rows(samples if config.slots is None else config.slots)
+    check_kv_memory(model, slots, tokens.shape[1], config.max_new_tokens, shards=layout.shards)
     length = tokens.shape[1] + config.max_new_tokens
     hidden, cache = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache_len=length, n=1,
                             layout=layout)
@@ -86,18 +84,19 @@ def free_memory_bytes() -> int | None:
 
 
 def check_kv_memory(model: Decoder, slots: int, prompt_len: int, max_new_tokens: int,
-                    free: int | None = None) -> None:
-    """ConfigError when the slots' KV cache (slots x (prompt bucket + max_new_tokens) slots) does not fit
-    in the free memory (free: bytes, default free_memory_bytes())."""
+                    free: int | None = None, shards: int = 1) -> None:
+    """ConfigError when the slots' KV cache (slots x (prompt bucket + max_new_tokens) slots, split over
+    `shards` row shards) does not fit in one device's free memory (free: bytes, default free_memory_bytes())."""
     free = free_memory_bytes() if free is None else free
-    need = kv_cache_bytes(model, slots, prompt_len + max_new_tokens)
+    need = kv_cache_bytes(model, slots, prompt_len + max_new_tokens) // shards
     if free is not None and need > free:
         cfg = model.cfg
+        split = f" / {shards} row shards" if shards > 1 else ""
         raise ConfigError(
-            f"rollout.slots={slots} needs a KV cache of {need / 2**30:.2f} GiB ({slots} slots x ({prompt_len} prompt "
-            f"+ {max_new_tokens} new tokens) x {cfg.num_layers} layers x {cfg.num_kv_heads} kv heads x "
-            f"{cfg.head_dim} dims x 2 (keys, values) x {jnp.dtype(model.dtype).itemsize} bytes), more than the "
-            f"{free / 2**30:.2f} GiB free", hint="lower rollout.slots or rollout.max_new_tokens")
+            f"rollout.slots={slots} needs a KV cache of {need / 2**30:.2f} GiB per device ({slots} slots{split} x "
+            f"({prompt_len} prompt + {max_new_tokens} new tokens) x {cfg.num_layers} layers x {cfg.num_kv_heads} kv "
+            f"heads x {cfg.head_dim} dims x 2 (keys, values) x {jnp.dtype(model.dtype).itemsize} bytes), more than "
+            f"the {free / 2**30:.2f} GiB free", hint="lower rollout.slots or rollout.max_new_tokens")
 
 
 def _bucket_prompts(cache: KVCache, hidden: Array, mask: np.ndarray, prompt_len: int
@@ -123,52 +122,62 @@ def _decode_continuous(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, 
     model = nnx.merge(graphdef, state)
     ops = layout.decode_ops(model.ops.on_mesh(layout.mesh), packed)
     steps, prompt_len = config.max_new_tokens, prompt["k"].shape[2]
-    cache = KVCache.init(model.cfg, slots, prompt_len + steps, model.dtype, per_row=True)
-    carry = dict(cache=cache, hidden=jnp.zeros((slots, hidden.shape[-1]), hidden.dtype),
-                 sample=jnp.full((slots,), capacity, jnp.int32), j=jnp.zeros((slots,), jnp.int32),
-                 last=jnp.zeros((slots,), jnp.int32), running=jnp.zeros((slots,), bool), next=jnp.zeros((), jnp.int32),
-                 out=_outputs(capacity + 1, steps, config.pad_token_id))
+    prompt, hidden = layout.whole((prompt, hidden))  # each device admits its own slots from a whole copy
+    cache = layout.constrain_cache(KVCache.init(model.cfg, slots, prompt_len + steps, model.dtype, per_row=True))
+    rows = layout.constrain_rows(dict(hidden=jnp.zeros((slots, hidden.shape[-1]), hidden.dtype),
+                                      sample=jnp.full((slots,), capacity, jnp.int32), j=jnp.zeros((slots,), jnp.int32),
+                                      last=jnp.zeros((slots,), jnp.int32), running=jnp.zeros((slots,), bool)))
+    carry = dict(cache=cache, **rows, next=jnp.zeros((), jnp.int32), out=_outputs(capacity + 1, steps, config.pad_token_id))
 
     def step(c: dict) -> dict:
         lengths = prompt["lengths"][jnp.minimum(c["sample"] // n, hidden.shape[0] - 1)]
         at = jnp.maximum(lengths + c["j"] - 1, 0)
         cache = c["cache"].replace(index=prompt_len + jnp.maximum(c["j"] - 1, 0))
         h, cache = model(c["last"][:, None], at[:, None], None, cache, ops=ops)
-        c = _admit(dict(c, cache=cache, hidden=h[:, 0]), prompt, hidden, samples, n, capacity)
-        return _emit(model, ops, c, key, first_sample, config)
+        c = _admit(dict(c, cache=layout.constrain_cache(cache), hidden=h[:, 0]), prompt, hidden, samples, n, capacity)
+        return _emit(model, ops, c, key, first_sample, config, layout)
 
     carry = jax.lax.while_loop(lambda c: jnp.any(c["running"]) | (c["next"] < samples), step, carry)
     return carry["out"]
 
 
 def _admit(c: dict, prompt: dict[str, Array], prompt_hidden: Array, samples: Array, n: Array, capacity: int) -> dict:
-    """Each free slot, lowest first, takes the next waiting sample: its prompt's cache slots, hidden state,
-    token count 0; slots left free when none waits become idle (sample = capacity)."""
-    def admit_one(c: dict) -> dict:
-        s = jnp.argmax(~c["running"])
-        b = c["next"] // n
-        cache = c["cache"]
-        put = lambda buf, row: jax.lax.dynamic_update_slice_in_dim(buf, row, s, axis=1)
-        k = put(cache.k, jax.lax.dynamic_slice_in_dim(prompt["k"], b, 1, axis=1))
-        v = put(cache.v, jax.lax.dynamic_slice_in_dim(prompt["v"], b, 1, axis=1))
-        tail = cache.valid.shape[1] - prompt["valid"].shape[1]
-        valid = cache.valid.at[s].set(jnp.concatenate([prompt["valid"][b], jnp.zeros((tail,), bool)]))
-        positions = cache.positions.at[s].set(jnp.concatenate([prompt["positions"][b], jnp.zeros((tail,), jnp.int32)]))
-        return dict(c, cache=cache.replace(k=k, v=v, valid=valid, positions=positions),
-                    hidden=c["hidden"].at[s].set(prompt_hidden[b]), sample=c["sample"].at[s].set(c["next"]),
-                    j=c["j"].at[s].set(0), running=c["running"].at[s].set(True), next=c["next"] + 1)
+    """Free slots, lowest first, take the waiting samples in order: their prompts' cache slots, hidden
+    states, token count 0; slots left free when none waits become idle (sample = capacity). One select per
+    slot row, no dynamic row index: on a mesh each device fills its own slots (the prompt cache is whole
+    on every device)."""
+    free = ~c["running"]
+    rank = jnp.cumsum(free.astype(jnp.int32)) - 1  # a free slot's place among the free slots
+    admitted = free & (rank < samples - c["next"])
 
-    c = jax.lax.while_loop(lambda c: jnp.any(~c["running"]) & (c["next"] < samples), admit_one, c)
+    def admit(c: dict) -> dict:
+        sample = c["next"] + rank
+        b = jnp.minimum(sample // n, prompt_hidden.shape[0] - 1)
+        cache, P = c["cache"], prompt["k"].shape[2]
+        take = lambda old, new, axis: jnp.where(admitted.reshape((-1,) + (1,) * (old.ndim - axis - 1)), new, old)
+        k = cache.k.at[:, :, :P].set(take(cache.k[:, :, :P], prompt["k"][:, b], 1))
+        v = cache.v.at[:, :, :P].set(take(cache.v[:, :, :P], prompt["v"][:, b], 1))
+        fill = lambda buf, head: take(buf, jnp.zeros_like(buf).at[:, :P].set(head), 0)
+        cache = cache.replace(k=k, v=v, valid=fill(cache.valid, prompt["valid"][b]),
+                              positions=fill(cache.positions, prompt["positions"][b]))
+        return dict(c, cache=cache, hidden=take(c["hidden"], prompt_hidden[b], 0),
+                    sample=jnp.where(admitted, sample, c["sample"]), j=jnp.where(admitted, 0, c["j"]),
+                    running=c["running"] | admitted, next=c["next"] + jnp.sum(admitted, dtype=jnp.int32))
+
+    c = jax.lax.cond(jnp.any(admitted), admit, lambda c: c, c)
     return dict(c, sample=jnp.where(c["running"], c["sample"], capacity))
 
 
-def _emit(model: Decoder, ops, c: dict, key: Array, first_sample: Array, config: GenerationConfig) -> dict:
-    """Every running slot draws token j of its sample (keyed by sample id and j) and records it; a sample
-    ends on an EOS ("eos"), a stop id or stop sequence ("stop") or its max_new_tokens-th token ("length")."""
+def _emit(model: Decoder, ops, c: dict, key: Array, first_sample: Array, config: GenerationConfig,
+          layout: RowLayout) -> dict:
+    """Every running slot draws token j of its sample (keyed by sample id and j; on a mesh each row shard
+    draws its own slots) and records it; a sample ends on an EOS ("eos"), a stop id or stop sequence
+    ("stop") or its max_new_tokens-th token ("length")."""
     logits = model.logits(c["hidden"][:, None], ops=ops)[:, 0]
     excluded = excluded_ends(c["j"], config, model.cfg.vocab_size)
     keys = sample_step_keys(key, first_sample + c["sample"], c["j"])
-    token, policy_logp, sample_logp = sample_rows(keys, logits, config, excluded)
+    draw = layout.rowwise(lambda rows: sample_rows(rows[0], rows[1], config, rows[2]))
+    token, policy_logp, sample_logp = draw((keys, logits, excluded))
     running, sample, j = c["running"], c["sample"], c["j"]
     is_eos = jnp.isin(token, jnp.asarray(config.eos_token_ids, jnp.int32))
     is_stop = jnp.isin(token, jnp.asarray(config.stop_token_ids, jnp.int32))

@@ -76,6 +76,10 @@ class RowLayout:
             return 1
         return math.prod(dict(self.mesh.shape)[a] for a in self.axes)
 
+    def padded_rows(self, rows: int) -> int:
+        """The smallest multiple of the shard count >= rows (e.g. continuous batching's slots)."""
+        return -(-rows // self.shards) * self.shards
+
     def pad_prompts(self, prompts: Sequence[Sequence[int]], n: int) -> list[Sequence[int]]:
         """The prompts followed by copies of the last one, so that the rows (prompts x n) divide by the
         shard count (see padded_prompt_count)."""
@@ -121,6 +125,12 @@ class RowLayout:
             return tree
         return jax.tree_util.tree_map(
             lambda x: x if x.ndim == 0 else jax.lax.with_sharding_constraint(x, self._rows(x.ndim)), tree)
+
+    def whole(self, tree: Any) -> Any:
+        """Inside jit: every array of the tree whole on every device of the mesh (unchanged when unsplit)."""
+        if self.mesh is None:
+            return tree
+        return jax.lax.with_sharding_constraint(tree, NamedSharding(self.mesh, PartitionSpec()))
 
     def rowwise(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """Inside jit: fn (row-wise: row i of the output depends on row i of the input only) applied to

@@ -33,6 +33,9 @@ CASES = {
     "topk_t07": (PROMPTS[:2], 4, GenerationConfig(max_new_tokens=10, eos_token_ids=(1,), stop_token_ids=(3,),
                                                   sampling=SamplingParams(temperature=0.7, top_k=20))),
     "greedy": (PROMPTS[1:4], 1, GenerationConfig(max_new_tokens=8, sampling=SamplingParams(temperature=0.0))),
+    # 3 slots (rounded up to the shard count on a mesh) for 6 samples of 3 prompts: ended rows take waiting ones
+    "continuous": (PROMPTS[:3], 2, GenerationConfig(max_new_tokens=12, eos_token_ids=(1,), stop_token_ids=(3,),
+                                                    stop_sequences=((5, 6),), batching="continuous", slots=3)),
 }
 FIELDS = ("tokens", "response_mask", "lengths", "finish_reason", "prompt_tokens", "prompt_mask", "prompt_index")
 
