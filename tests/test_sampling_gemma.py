@@ -34,8 +34,8 @@ def test_greedy_equals_argmax_of_full_forward_passes(gemma):
     total = max(map(len, prompt_ids)) + STEPS
 
     @jax.jit
-    def next_token(tokens, length):  # full forward, no cache; right padding is invisible to causal attention
-        m = nnx.merge(graphdef, state)
+    def next_token(state, tokens, length):  # full forward, no cache; right padding is invisible to causal attention
+        m = nnx.merge(graphdef, state)  # the weights an argument, not 1 GB of constants in the program
         hidden, _ = m(tokens, jnp.arange(total)[None], jnp.arange(total)[None] < length)
         return jnp.argmax(m.logits(jax.lax.dynamic_slice_in_dim(hidden, length - 1, 1, axis=1))[0, 0])
 
@@ -43,7 +43,7 @@ def test_greedy_equals_argmax_of_full_forward_passes(gemma):
         seq = np.zeros((1, total), np.int32)
         seq[0, : len(prompt)] = prompt
         for t in range(len(prompt), len(prompt) + STEPS):
-            seq[0, t] = int(next_token(jnp.asarray(seq), t))
+            seq[0, t] = int(next_token(state, jnp.asarray(seq), t))
         assert ours[row] == seq[0, len(prompt): len(prompt) + STEPS].tolist(), row
 
 

@@ -140,18 +140,25 @@ def test_eos_stop_and_min_new_tokens():
 
 @contextlib.contextmanager
 def count_compilations():
-    """Counts XLA backend compilations inside the block (every jit, including small eager ops)."""
-    events: list[float] = []
+    """Counts the executables built inside the block (every jit, including small eager ops): XLA backend
+    compilations and loads from the persistent compilation cache (tests/conftest.py turns it on)."""
+    events: list[object] = []
 
-    def listener(event: str, duration: float, **_: object) -> None:
+    def compiled(event: str, duration: float, **_: object) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             events.append(duration)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def loaded(event: str, **_: object) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            events.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(compiled)
+    jax.monitoring.register_event_listener(loaded)
     try:
         yield events
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(compiled)
+        jax.monitoring.unregister_event_listener(loaded)
 
 
 def test_compilation_count_is_constant_for_prompts_in_the_same_bucket():
