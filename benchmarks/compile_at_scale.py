@@ -5,7 +5,9 @@ and the 7B PowerFlow train step at 4k / 8k / 16k tokens with splash attention ag
     python benchmarks/compile_at_scale.py [--only NAME ...] [--skip-context] [--json PATH]
 
 Each recipe is `python -m pf_jax.train --config X --dry-run --topology T` (pf_jax.planning.compiled_plan);
-the context rows compile the train step alone. Compiles of a 7B step take 2-4 minutes each on 2 cores.
+the context rows compile the train step alone; the sampler rows (--sampler) compile the 7B GRPO recipe's
+sampler programs alone, static against continuous batching at several slot counts. Compiles of a 7B step
+take 2-4 minutes each on 2 cores.
 """
 
 from __future__ import annotations
@@ -23,7 +25,13 @@ prepare_libtpu_environment("v5p:4x4x4")  # before libtpu loads
 from pf_jax.config import load_config  # noqa: E402
 from pf_jax.config.recipe import TrainConfig  # noqa: E402
 from pf_jax.models.ops import XlaOps  # noqa: E402
-from pf_jax.planning.compiled_plan import abstract_recipe, compile_recipe, compile_train_step  # noqa: E402
+from pf_jax.planning.compiled_plan import (  # noqa: E402
+    SAMPLER_ALIVE,
+    abstract_recipe,
+    compile_recipe,
+    compile_sampler,
+    compile_train_step,
+)
 from pf_jax.planning.compiled_report import plan_json  # noqa: E402
 from pf_jax.sharding.topology import tpu_topology  # noqa: E402
 
@@ -77,6 +85,36 @@ def lora_row(config: str, topology: str) -> dict:
             "verdict": out["verdict"], "wall_s": time.perf_counter() - started}
 
 
+# The 7B GRPO recipe's sampler (64 prompts x 8 samples, prompt bucket 1024 + 2048 new tokens): static
+# batching's 512 rows against continuous batching's slots.
+SAMPLER = ("configs/grpo/qwen2.5-7b-math.yaml", "v5p:4x4x4", (None, 512, 256, 128))
+
+
+def sampler_row(slots: int | None) -> dict:
+    """The sampler's prefill and decode loop, static (slots None) or continuous with `slots` rows: the
+    resident KV cache, the decode loop's temporaries (the slots' cache under continuous batching) and the
+    decode program's per-device peak with the weights and optimizer state alive."""
+    recipe, topology, _ = SAMPLER
+    started = time.perf_counter()
+    overrides = [] if slots is None else ["rollout.batching=continuous", f"rollout.slots={slots}"]
+    r = abstract_recipe(load_config(TrainConfig, recipe, overrides), tpu_topology(topology))
+    prefill, decode = compile_sampler(r)
+    return {"batching": "static" if slots is None else "continuous", "slots": slots or 512, "topology": topology,
+            "kv_cache_bytes": r.resident["KV cache"], "decode_temp_bytes": decode.temp_bytes,
+            "prefill_temp_bytes": prefill.temp_bytes, "decode_peak_bytes": decode.peak_bytes(r.resident),
+            "hbm_bytes": r.topology.hbm_bytes, "error": decode.error or prefill.error, "alive": list(SAMPLER_ALIVE),
+            "wall_s": time.perf_counter() - started}
+
+
+def sampler_table(rows: list[dict]) -> str:
+    lines = ["| 7B GRPO sampler | decode rows | resident KV cache | decode-loop temporaries | decode peak (per device) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {r['batching']} | {r['slots']} | {r['kv_cache_bytes'] / GiB:.2f} GiB | "
+              f"{r['decode_temp_bytes'] / GiB:.2f} GiB | {r['decode_peak_bytes'] / GiB:.1f} GiB"
+              f"{' (' + r['error'] + ')' if r['error'] else ''} |" for r in rows]
+    return "\n".join(lines)
+
+
 def lora_rows() -> list[dict]:
     """Each configuration on the recipe's slice, then on the smaller slices until one does not fit."""
     rows = []
@@ -125,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-context", action="store_true")
     ap.add_argument("--skip-recipes", action="store_true")
     ap.add_argument("--lora", action="store_true", help="also LoRA vs full fine-tuning for the 7B PowerFlow recipe")
+    ap.add_argument("--sampler", action="store_true", help="also the 7B GRPO sampler, static against continuous")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/compile_at_scale.json"))
     args = ap.parse_args(argv)
     results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
@@ -151,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         results["lora"] = lora_rows()
         _write(args.json, results)
         print(lora_table(results["lora"]))
+    if args.sampler:
+        results["sampler"] = []
+        for slots in SAMPLER[2]:
+            print(f"[compile_at_scale] 7B GRPO sampler, {slots or 'static'} ...", file=sys.stderr, flush=True)
+            results["sampler"].append(sampler_row(slots))
+            _write(args.json, results)
+        print(sampler_table(results["sampler"]))
     print(recipe_table(results.get("recipes", [])))
     print()
     print(context_table(results.get("context", [])))

@@ -107,6 +107,25 @@ def test_tiny_recipe_compiles_every_program_and_fits(tiny_plan):
         assert needle in printed, needle
 
 
+def test_continuous_batching_plans_its_own_decode_loop(tiny_plan):
+    """rollout.batching=continuous compiles the loop the run takes (continuous._decode_continuous): each
+    prompt prefilled once, the prompts' cache resident, the slots' cache inside the loop."""
+    from pf_jax.sampling.continuous import kv_cache_bytes
+
+    cfg = load_config(TrainConfig, "configs/default.yaml", [*TINY, "rollout.batching=continuous", "rollout.slots=6"])
+    plan = compile_recipe(cfg, "v5e:2x2")
+    assert [p.name for p in plan.programs] == PROGRAMS
+    assert not [p.error for p in plan.programs if p.error]
+    decode, static = plan.programs[-1], tiny_plan[1]
+    assert "8 slots" in decode.note and "continuous batching" in decode.note  # 6 rounded up to the 4 row shards
+    model, s = compiled_plan.abstract_decoder(cfg, scan_layers=False), plan.sizes
+    slots = kv_cache_bytes(model, 8, s.prompt_len + cfg.rollout.max_new_tokens) // 4  # per device
+    prompts = kv_cache_bytes(model, 4, s.prompt_len) // 4  # 4 prompts, their first prompt-bucket slots
+    assert prompts <= plan.resident["KV cache"] < static.resident["KV cache"]
+    assert decode.temp_bytes >= slots  # the slots' cache is the loop's own
+    assert plan.fits
+
+
 def test_splash_attention_compiles_in_every_program():
     """With the TPU ops the decoder calls splash attention (a Pallas kernel) wherever its shapes apply: the
     train step, both scoring passes and the prefill of a fresh cache; the decode steps use the einsum."""

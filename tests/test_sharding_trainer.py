@@ -96,10 +96,12 @@ def test_powerflow_samples_through_the_sampler_layout_like_one_device(tmp_path):
 def test_async_rollout_on_its_own_device_group_trains_like_one_device(tmp_path):
     """rollout.mode=async with rollout.devices=4 of 8: the update on a (1, 4, 1) mesh of devices 0-3, the
     sampler, the reference and the scoring passes on devices 4-7, the weights moved across once per rollout
-    (rollout/reshard_s). Same samples and losses as the same async recipe on one device."""
+    (rollout/reshard_s). The sampler batches continuously: 6 slots, 8 on the 4 rollout devices (its samples
+    do not depend on the slot count). Same samples and losses as the same async recipe on one device."""
     powerflow = ["--config", str(ROOT / "configs" / "default.yaml"), "model.name=tiny", *TINY,
                  "rollout.prompts_per_step=8", "rollout.samples_per_prompt=2", "rollout.max_new_tokens=4",
-                 "steps=3", "export=false", "rollout.mode=async", "rollout.max_staleness=1"]
+                 "steps=3", "export=false", "rollout.mode=async", "rollout.max_staleness=1",
+                 "rollout.batching=continuous", "rollout.slots=6"]
     run([sys.executable, "-m", "pf_jax.train", *powerflow, f"logging.runs_dir={tmp_path}", "logging.run_name=one"])
     out = run([sys.executable, "-m", "pf_jax.train", *powerflow, f"logging.runs_dir={tmp_path}",
                "logging.run_name=split", "mesh.data=1", "mesh.fsdp=4", "rollout.devices=4"], devices=8)

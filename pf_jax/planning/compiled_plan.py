@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.extend.core import ClosedJaxpr, Jaxpr
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -374,43 +375,112 @@ def _sampler_model(r: AbstractRecipe) -> tuple[Decoder, nnx.GraphDef, Any]:
 
 
 def compile_sampler(r: AbstractRecipe) -> list[ProgramPlan]:
-    """sampler.prefill and sampler._decode as generate() calls them: prompts padded to the row shards, a
-    cache of prompt bucket + max_new_tokens slots, rows split over the mesh's batch axes (RowLayout)."""
-    from pf_jax.sampling.layout import RowLayout, padded_prompt_count
-    from pf_jax.sampling.sampler import _decode, prefill
+    """The sampler's prefill and decode loop as generate() calls them for the recipe's rollout.batching
+    (SAMPLER_PROGRAMS): weights in the sampler layout, rows split over the mesh's batch axes (RowLayout)."""
+    return SAMPLER_PROGRAMS[r.cfg.rollout.batching](r)
+
+
+def _decode_setup(r: AbstractRecipe, model: Decoder) -> tuple[Any, Any]:
+    """(the resolved GenerationConfig, the random key argument) of the planned decode loop. No tokenizer is
+    loaded for a plan, so the stop strings spell no token sequences here: the planned loop leaves out their
+    few compares per step."""
     from pf_jax.sampling.texts import generation_config
+
+    codec = types.SimpleNamespace(eos_ids=model.cfg.eos_token_ids, pad_id=model.cfg.pad_token_id or 0,
+                                  encode_response=lambda text: [], decode_response=lambda ids: "")
+    config = generation_config(r.cfg.rollout, codec).resolved(model)
+    key = SDS((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated(r.mesh))
+    return config, key
+
+
+def _compile_prefill(r: AbstractRecipe, model: Decoder, state: Any, layout: Any, prompts: int, *, n: int,
+                     rows: str) -> tuple[ProgramPlan, Any]:
+    """sampler.prefill of `prompts` left-padded prompts into a cache of prompt bucket + max_new_tokens
+    slots, each row repeated n times; (its plan, its abstract (hidden, cache) outputs)."""
+    from pf_jax.sampling.sampler import prefill
+
+    s, length = r.sizes, r.sizes.prompt_len + r.cfg.rollout.max_new_tokens
+    tokens = _rows(SDS((prompts, s.prompt_len), jnp.int32), layout, r.mesh)
+    mask = _rows(SDS((prompts, s.prompt_len), jnp.bool_), layout, r.mesh)
+    graphdef = nnx.graphdef(model)
+    trace = lambda: prefill.trace(graphdef, state, tokens, mask, cache_len=length, n=n, layout=layout)
+    plan, traced = _compile("sampler prefill", trace, (state, tokens, mask), alive=SAMPLER_ALIVE,
+                            resident_in=device_bytes(state), resident_out=r.resident["KV cache"], note=rows)
+    if traced is not None:
+        return plan, traced.out_info
+    # it does not build: the decode loop continues from a fresh cache's shapes
+    return plan, (SDS((prompts * n, model.cfg.hidden_size), model.dtype),
+                  jax.eval_shape(lambda: _cache_shape(model, prompts * n, length)))
+
+
+def _static_sampler(r: AbstractRecipe) -> list[ProgramPlan]:
+    """sampler.prefill and sampler._decode: prompts padded to the row shards, every sample a row of a cache
+    of prompt bucket + max_new_tokens slots."""
+    from pf_jax.sampling.layout import RowLayout, padded_prompt_count
+    from pf_jax.sampling.sampler import _decode
 
     model, graphdef, state = _sampler_model(r)
     layout, s, max_new = RowLayout.of(state), r.sizes, r.cfg.rollout.max_new_tokens
     prompts = padded_prompt_count(s.sampler_prompts, s.samples, layout.shards)
-    tokens = _rows(SDS((prompts, s.prompt_len), jnp.int32), layout, r.mesh)
-    mask = _rows(SDS((prompts, s.prompt_len), jnp.bool_), layout, r.mesh)
-    trace = lambda: prefill.trace(graphdef, state, tokens, mask, cache_len=s.prompt_len + max_new, n=s.samples,
-                                  layout=layout)
     rows = f"{s.sampler_prompts} prompts x {s.samples} samples, {s.prompt_len} + {max_new} slots"
-    weights = device_bytes(state)
-    n = prompts * s.samples
-    hidden, cache = SDS((n, model.cfg.hidden_size), model.dtype), jax.eval_shape(
-        lambda: _cache_shape(model, n, s.prompt_len + max_new))
+    cache = jax.eval_shape(lambda: _cache_shape(model, prompts * s.samples, s.prompt_len + max_new))
     r.resident["KV cache"] = device_bytes(_placed(cache, _cache_shardings(cache, layout, r.mesh)))
-    prefill_plan, traced = _compile("sampler prefill", trace, (state, tokens, mask), alive=SAMPLER_ALIVE,
-                                    resident_in=weights, resident_out=r.resident["KV cache"], note=rows)
-    if traced is not None:  # the decode loop continues from the prefill's outputs (else: a fresh cache's shapes)
-        hidden, cache = traced.out_info
+    prefill_plan, (hidden, cache) = _compile_prefill(r, model, state, layout, prompts, n=s.samples, rows=rows)
     cache = _placed(_abstract(cache), _cache_shardings(cache, layout, r.mesh))
     hidden = _rows(SDS(hidden.shape, hidden.dtype), layout, r.mesh)
     lengths = _rows(SDS((hidden.shape[0],), jnp.int32), layout, r.mesh)
-    key = SDS((), jax.eval_shape(lambda: jax.random.key(0)).dtype, sharding=replicated(r.mesh))
-    # No tokenizer is loaded for a plan, so the stop strings spell no token sequences here: the planned
-    # decode loop leaves out their few compares per step.
-    codec = types.SimpleNamespace(eos_ids=model.cfg.eos_token_ids, pad_id=model.cfg.pad_token_id or 0,
-                                  encode_response=lambda text: [], decode_response=lambda ids: "")
-    config = generation_config(r.cfg.rollout, codec).resolved(model)
+    config, key = _decode_setup(r, model)
     trace = lambda: _decode.trace(graphdef, state, hidden, cache, lengths, key, None, config=config, layout=layout)
     decode_plan, _ = _compile("sampler decode", trace, (state, hidden, cache, lengths), alive=SAMPLER_ALIVE,
-                              resident_in=weights + r.resident["KV cache"],
+                              resident_in=device_bytes(state) + r.resident["KV cache"],
                               note=f"{rows}; a while loop of {max_new} steps (XLA's cost: one step)")
     return [prefill_plan, decode_plan]
+
+
+def _continuous_sampler(r: AbstractRecipe) -> list[ProgramPlan]:
+    """sampler.prefill of each prompt once, then continuous._decode_continuous: rollout.slots rows (rounded
+    up to the row shards) whose cache of prompt bucket + max_new_tokens slots lives inside the loop (its
+    temporaries), the prompts' cache (their first prompt-bucket slots) the resident KV cache."""
+    from pf_jax.sampling.continuous import _bucket_prompts, _decode_continuous
+    from pf_jax.sampling.layout import RowLayout, padded_prompt_count
+    from pf_jax.sampling.prompts import bucket_length
+
+    model, graphdef, state = _sampler_model(r)
+    layout, s, max_new = RowLayout.of(state), r.sizes, r.cfg.rollout.max_new_tokens
+    prompts, samples = padded_prompt_count(s.sampler_prompts, 1, layout.shards), s.sampler_prompts * s.samples
+    slots = layout.padded_rows(samples if r.cfg.rollout.slots is None else r.cfg.rollout.slots)
+    rows = (f"{s.sampler_prompts} prompts x {s.samples} samples in {slots} slots, "
+            f"{s.prompt_len} + {max_new} slots each")
+    mask = np.ones((prompts, s.prompt_len), bool)
+    prompt = jax.eval_shape(lambda h, c: _bucket_prompts(c, h, mask, s.prompt_len),
+                            SDS((prompts, model.cfg.hidden_size), model.dtype),
+                            jax.eval_shape(lambda: _cache_shape(model, prompts, s.prompt_len + max_new)))
+    prompt = (_prompt_cache_placed(prompt[0], model, layout, r.mesh), _rows(prompt[1], layout, r.mesh))
+    r.resident["KV cache"] = device_bytes(prompt[0])
+    prefill_plan, _ = _compile_prefill(r, model, state, layout, prompts, n=1, rows=rows)
+    config, key = _decode_setup(r, model)
+    count = SDS((), jnp.int32, sharding=replicated(r.mesh))
+    trace = lambda: _decode_continuous.trace(graphdef, state, prompt[1], prompt[0], key, count, count, count, None,
+                                             config=config, layout=layout, slots=slots,
+                                             capacity=bucket_length(samples, minimum=1))
+    decode_plan, _ = _compile("sampler decode", trace, (state, *prompt), alive=SAMPLER_ALIVE,
+                              resident_in=device_bytes(state) + r.resident["KV cache"],
+                              note=f"{rows}; continuous batching, a while loop until every sample ends "
+                                   f"(XLA's cost: one step)")
+    return [prefill_plan, decode_plan]
+
+
+SAMPLER_PROGRAMS = {"static": _static_sampler, "continuous": _continuous_sampler}
+
+
+def _prompt_cache_placed(prompt: dict[str, Any], model: Decoder, layout: Any, mesh: Mesh) -> dict[str, Any]:
+    """The prompts' cache slots (continuous._bucket_prompts) laid out as the sampler's cache: rows split,
+    kv heads on tensor; their lengths as rows."""
+    rows, length = prompt["valid"].shape
+    cache = _cache_shardings(jax.eval_shape(lambda: _cache_shape(model, rows, length)), layout, mesh)
+    placed = dict(k=cache.k, v=cache.v, valid=cache.valid, positions=cache.positions)
+    return {name: SDS(x.shape, x.dtype, sharding=placed[name]) if name in placed else _rows(x, layout, mesh)
+            for name, x in prompt.items()}
 
 
 def _cache_shape(model: Decoder, rows: int, slots: int) -> Any:

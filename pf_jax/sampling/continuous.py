@@ -58,6 +58,7 @@ def continuous_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: A
     hidden, cache = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache_len=length, n=1,
                             layout=layout)
     prompt_cache, hidden = _bucket_prompts(cache, hidden, mask, tokens.shape[1])
+    del cache  # the prompts' full-length cache: only their first prompt-bucket slots are kept
     out = _decode_continuous(graphdef, state, hidden, prompt_cache, key, jnp.int32(samples), jnp.int32(n),
                              jnp.int32(first_sample), decode_packing(model, layout, slots), config=config,
                              layout=layout, slots=slots,
