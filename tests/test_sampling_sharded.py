@@ -56,7 +56,7 @@ def test_sharded_sampling_equals_one_device(sharded_runs):
     min_new_tokens, top-k at T = 0.7 with a stop id, greedy, continuous batching (3 slots on one device, 8
     and 4 on the meshes) and power sampling; 3, 6 and 8 rows (padded to the shard count where they do not
     divide)."""
-    runs = [r for r in sharded_runs if r["case"] != "cost"]
+    runs = [r for r in sharded_runs if r["case"] not in ("cost", "continuous_cost")]
     assert {(tuple(r["mesh"]), r["case"]) for r in runs} == {
         (m, c) for m in ((8, 1, 1), (2, 2, 2)) for c in ("t1_min_new", "topk_t07", "greedy", "continuous", "power")}
     for r in runs:
@@ -77,3 +77,12 @@ def test_sharded_decode_does_a_shard_of_the_work_without_gathering_rows(sharded_
         assert r["flops_ratio"] < 1.25 / 8, (mesh, r)
     # pure data parallelism: no gather of rows (top-k runs per shard) and no other collective in the loop
     assert cost[(8, 1, 1)]["collectives"] == {"all-gather": 0, "all-to-all": 0, "collective-permute": 0}
+
+
+def test_continuous_batching_keeps_each_shards_prompts_on_its_devices(sharded_runs):
+    """Each row shard admits the samples of its own prompts: the loop gathers at most one token's keys
+    or values per slot (the per-row cache write), never the prompts' cache."""
+    cost = {tuple(r["mesh"]): r for r in sharded_runs if r["case"] == "continuous_cost"}
+    assert set(cost) == {(8, 1, 1), (2, 2, 2)}
+    for mesh, r in cost.items():
+        assert 0 < r["max_gather_elements"] <= r["one_token_kv"] < r["prompt_cache_elements"], (mesh, r)

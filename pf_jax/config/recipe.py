@@ -139,7 +139,8 @@ class RolloutSection(Section):
     sample, so its samples differ from static's for the same seed; they do not depend on `slots`.
     slots: rows decoded at once with continuous batching (null: one per sample); their KV cache must fit
     in memory. With the sampler's weights on a mesh, the slots are split over its batch axes (rounded up
-    to a multiple of their shard count), as static batching splits its rows.
+    to a multiple of their shard count), as static batching splits its rows, and so are the prompts: each
+    shard's slots take the samples of its own prompts.
     mode: `sync` samples each step's rollout with the policy being updated; `async` samples step s + k's
     rollout (k = max_staleness) with the policy of step s on a background thread while step s updates
     (pf_jax.training.async_rollouts). Losses then take the ratio against the policy before the update and

@@ -452,7 +452,7 @@ def _continuous_sampler(r: AbstractRecipe) -> list[ProgramPlan]:
     rows = (f"{s.sampler_prompts} prompts x {s.samples} samples in {slots} slots, "
             f"{s.prompt_len} + {max_new} slots each")
     mask = np.ones((prompts, s.prompt_len), bool)
-    prompt = jax.eval_shape(lambda h, c: _bucket_prompts(c, h, mask, s.prompt_len),
+    prompt = jax.eval_shape(lambda h, c: _bucket_prompts(c, h, mask, s.prompt_len, layout.shards),
                             SDS((prompts, model.cfg.hidden_size), model.dtype),
                             jax.eval_shape(lambda: _cache_shape(model, prompts, s.prompt_len + max_new)))
     prompt = (_prompt_cache_placed(prompt[0], model, layout, r.mesh), _rows(prompt[1], layout, r.mesh))

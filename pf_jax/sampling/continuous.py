@@ -11,6 +11,11 @@ Token j of sample m draws with fold_in(fold_in(key, m), j) (sampler.sample_step_
 not depend on the slot count or on which samples share a step: a static run with sample_keys=True
 returns the same tokens and log-probs.
 
+On a mesh the slots are split over the row axes, and so are the prompts: shard d holds prompts d,
+d + shards, d + 2 shards, ... and its slots admit only their samples, in order, from its own queue (the
+admission runs in a shard_map over the row axes). No device holds another's prompt cache, and the
+samples stay those of one device, whichever slot draws them.
+
 Static shapes: the loop's buffers have the prompt count and the sample count rounded up to powers of
 two, so runs with other counts in the same bucket reuse its program.
 """
@@ -26,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax import Array
+from jax.sharding import PartitionSpec
 
 from pf_jax.config.errors import ConfigError
 from pf_jax.models.decoder import Decoder
@@ -57,7 +63,7 @@ def continuous_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: A
     length = tokens.shape[1] + config.max_new_tokens
     hidden, cache = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache_len=length, n=1,
                             layout=layout)
-    prompt_cache, hidden = _bucket_prompts(cache, hidden, mask, tokens.shape[1])
+    prompt_cache, hidden = _bucket_prompts(cache, hidden, mask, tokens.shape[1], layout.shards)
     del cache  # the prompts' full-length cache: only their first prompt-bucket slots are kept
     out = _decode_continuous(graphdef, state, hidden, prompt_cache, key, jnp.int32(samples), jnp.int32(n),
                              jnp.int32(first_sample), decode_packing(model, layout, slots), config=config,
@@ -100,16 +106,25 @@ def check_kv_memory(model: Decoder, slots: int, prompt_len: int, max_new_tokens:
             f"the {free / 2**30:.2f} GiB free", hint="lower rollout.slots or rollout.max_new_tokens")
 
 
-def _bucket_prompts(cache: KVCache, hidden: Array, mask: np.ndarray, prompt_len: int
+def _bucket_prompts(cache: KVCache, hidden: Array, mask: np.ndarray, prompt_len: int, shards: int = 1
                     ) -> tuple[dict[str, Array], Array]:
     """The prompts' first prompt_len cache slots, their last hidden states and lengths, with the prompt
-    count padded to a power of two (copies of row 0) so that the decode program is shared."""
+    count padded to a power of two (copies of row 0; then to a multiple of `shards`) so that the decode
+    program is shared. The rows are dealt to the row shards: shard d's block of rows holds prompts
+    d, d + shards, d + 2 shards, ... (prompt_of_row), so each shard admits the samples of its own prompts."""
     rows = bucket_length(hidden.shape[0], minimum=1)
-    take = np.minimum(np.arange(rows), hidden.shape[0] - 1) if rows > hidden.shape[0] else np.arange(rows)
-    prompt = dict(k=cache.k[:, take, :prompt_len], v=cache.v[:, take, :prompt_len],
-                  valid=cache.valid[take, :prompt_len], positions=cache.positions[take, :prompt_len],
-                  lengths=jnp.asarray(mask.sum(-1)[take], jnp.int32))
-    return prompt, hidden[take]
+    rows = -(-rows // shards) * shards
+    prompt = prompt_of_row(np.arange(rows), rows // shards, shards)
+    take = np.where(prompt < hidden.shape[0], prompt, 0)
+    out = dict(k=cache.k[:, take, :prompt_len], v=cache.v[:, take, :prompt_len],
+               valid=cache.valid[take, :prompt_len], positions=cache.positions[take, :prompt_len],
+               lengths=jnp.asarray(mask.sum(-1)[take], jnp.int32))
+    return out, hidden[take]
+
+
+def prompt_of_row(row: np.ndarray, per_shard: int, shards: int) -> np.ndarray:
+    """The prompt held by row `row` of the prompt cache: row d * per_shard + j holds prompt j * shards + d."""
+    return (row % per_shard) * shards + row // per_shard
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "layout", "slots", "capacity"))
@@ -119,49 +134,95 @@ def _decode_continuous(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, 
                        config: GenerationConfig, layout: RowLayout, slots: int, capacity: int) -> dict[str, Array]:
     """Every sample m < `samples` (prompt m // n) decoded in `slots` rows; outputs [capacity + 1, M] by
     sample (row `capacity` collects the writes of idle slots). Each step: one decode step of every slot,
-    then free slots take waiting samples (their hidden state the prompt's), then every slot draws."""
+    then free slots take waiting samples of their shard's prompts (their hidden state the prompt's), then
+    every slot draws."""
     model = nnx.merge(graphdef, state)
     ops = layout.decode_ops(model.ops.on_mesh(layout.mesh), packed)
     steps, prompt_len = config.max_new_tokens, prompt["k"].shape[2]
-    prompt, hidden = layout.whole((prompt, hidden))  # each device admits its own slots from a whole copy
     cache = layout.constrain_cache(KVCache.init(model.cfg, slots, prompt_len + steps, model.dtype, per_row=True))
     rows = layout.constrain_rows(dict(hidden=jnp.zeros((slots, hidden.shape[-1]), hidden.dtype),
                                       sample=jnp.full((slots,), capacity, jnp.int32), j=jnp.zeros((slots,), jnp.int32),
-                                      last=jnp.zeros((slots,), jnp.int32), running=jnp.zeros((slots,), bool)))
-    carry = dict(cache=cache, **rows, next=jnp.zeros((), jnp.int32), out=_outputs(capacity + 1, steps, config.pad_token_id))
+                                      last=jnp.zeros((slots,), jnp.int32), running=jnp.zeros((slots,), bool),
+                                      prompt_length=jnp.zeros((slots,), jnp.int32)))
+    queue = _shard_queues(samples // n, n, hidden.shape[0], layout)
+    carry = dict(cache=cache, **rows, **queue, out=_outputs(capacity + 1, steps, config.pad_token_id))
+    admit = _sharded_admit(layout, capacity)
 
     def step(c: dict) -> dict:
-        lengths = prompt["lengths"][jnp.minimum(c["sample"] // n, hidden.shape[0] - 1)]
-        at = jnp.maximum(lengths + c["j"] - 1, 0)
+        at = jnp.maximum(c["prompt_length"] + c["j"] - 1, 0)
         cache = c["cache"].replace(index=prompt_len + jnp.maximum(c["j"] - 1, 0))
         h, cache = model(c["last"][:, None], at[:, None], None, cache, ops=ops)
-        c = _admit(dict(c, cache=layout.constrain_cache(cache), hidden=h[:, 0]), prompt, hidden, samples, n, capacity)
+        c = admit(dict(c, cache=layout.constrain_cache(cache), hidden=h[:, 0]), prompt, hidden, n)
         return _emit(model, ops, c, key, first_sample, config, layout)
 
-    carry = jax.lax.while_loop(lambda c: jnp.any(c["running"]) | (c["next"] < samples), step, carry)
+    carry = jax.lax.while_loop(lambda c: jnp.any(c["running"]) | jnp.any(c["next"] < c["queued"]), step, carry)
     return carry["out"]
 
 
-def _admit(c: dict, prompt: dict[str, Array], prompt_hidden: Array, samples: Array, n: Array, capacity: int) -> dict:
-    """Free slots, lowest first, take the waiting samples in order: their prompts' cache slots, hidden
-    states, token count 0; slots left free when none waits become idle (sample = capacity). One select per
-    slot row, no dynamic row index: on a mesh each device fills its own slots (the prompt cache is whole
-    on every device)."""
+def _shard_queues(prompts: Array, n: Array, rows: int, layout: RowLayout) -> dict[str, Array]:
+    """Each row shard's queue: next (samples admitted so far) and queued (its samples: n for each of its
+    prompts d, d + shards, ... below `prompts`), int32 [shards]."""
+    shards = layout.shards
+    d = jnp.arange(shards, dtype=jnp.int32)
+    owned = jnp.clip((prompts - d + shards - 1) // shards, 0, rows // shards)
+    return layout.constrain_rows(dict(next=jnp.zeros((shards,), jnp.int32), queued=owned * n))
+
+
+SLOT_FIELDS = ("hidden", "sample", "j", "running", "prompt_length", "next", "queued")
+
+
+def _sharded_admit(layout: RowLayout, capacity: int):
+    """_admit on each row shard's own slots, queue and prompts (jax.shard_map over the row axes; other mesh
+    axes stay automatic); unsplit, _admit itself."""
+    if layout.mesh is None:
+        return lambda c, prompt, hidden, n: _merge_view(c, _admit(_admit_view(c), prompt, hidden, n, capacity, 0, 1))
+    rows = PartitionSpec(layout._row_axes)
+    cache_rows = PartitionSpec(None, layout._row_axes)
+    specs = dict(k=cache_rows, v=cache_rows, valid=rows, positions=rows, **{f: rows for f in SLOT_FIELDS})
+    prompt_specs = dict(k=cache_rows, v=cache_rows, valid=rows, positions=rows, lengths=rows)
+
+    def local(view: dict, prompt: dict, hidden: Array, n: Array) -> dict:
+        shard = jax.lax.axis_index(layout.axes)
+        return _admit(view, prompt, hidden, n, capacity, shard, layout.shards)
+
+    mapped = jax.shard_map(local, mesh=layout.mesh, in_specs=(specs, prompt_specs, rows, PartitionSpec()),
+                           out_specs=specs, axis_names=set(layout.axes))
+    return lambda c, prompt, hidden, n: _merge_view(c, mapped(_admit_view(c), prompt, hidden, n))
+
+
+def _admit_view(c: dict) -> dict:
+    cache = c["cache"]
+    return dict(k=cache.k, v=cache.v, valid=cache.valid, positions=cache.positions, **{f: c[f] for f in SLOT_FIELDS})
+
+
+def _merge_view(c: dict, view: dict) -> dict:
+    cache = c["cache"].replace(k=view["k"], v=view["v"], valid=view["valid"], positions=view["positions"])
+    return dict(c, cache=cache, **{f: view[f] for f in SLOT_FIELDS})
+
+
+def _admit(c: dict, prompt: dict[str, Array], prompt_hidden: Array, n: Array, capacity: int, shard: Array | int,
+           shards: int) -> dict:
+    """One row shard's admission (`c`: its slots' cache arrays and state, its queue; `prompt`: its block of
+    prompt rows, prompt_of_row): its free slots, lowest first, take its waiting samples in order, their
+    prompts' cache slots, hidden states and lengths, token count 0; slots left free when none waits become
+    idle (sample = capacity). One select per slot row, no dynamic row index."""
     free = ~c["running"]
     rank = jnp.cumsum(free.astype(jnp.int32)) - 1  # a free slot's place among the free slots
-    admitted = free & (rank < samples - c["next"])
+    admitted = free & (rank < c["queued"][0] - c["next"][0])
 
     def admit(c: dict) -> dict:
-        sample = c["next"] + rank
-        b = jnp.minimum(sample // n, prompt_hidden.shape[0] - 1)
-        cache, P = c["cache"], prompt["k"].shape[2]
+        waiting = c["next"][0] + rank  # the shard's own sample index: its j-th prompt's i-th sample
+        row = jnp.minimum(waiting // n, prompt_hidden.shape[0] - 1)
+        sample = (row * shards + shard) * n + waiting % n
+        P = prompt["k"].shape[2]
         take = lambda old, new, axis: jnp.where(admitted.reshape((-1,) + (1,) * (old.ndim - axis - 1)), new, old)
-        k = cache.k.at[:, :, :P].set(take(cache.k[:, :, :P], prompt["k"][:, b], 1))
-        v = cache.v.at[:, :, :P].set(take(cache.v[:, :, :P], prompt["v"][:, b], 1))
+        k = c["k"].at[:, :, :P].set(take(c["k"][:, :, :P], prompt["k"][:, row], 1))
+        v = c["v"].at[:, :, :P].set(take(c["v"][:, :, :P], prompt["v"][:, row], 1))
         fill = lambda buf, head: take(buf, jnp.zeros_like(buf).at[:, :P].set(head), 0)
-        cache = cache.replace(k=k, v=v, valid=fill(cache.valid, prompt["valid"][b]),
-                              positions=fill(cache.positions, prompt["positions"][b]))
-        return dict(c, cache=cache, hidden=take(c["hidden"], prompt_hidden[b], 0),
+        return dict(c, k=k, v=v, valid=fill(c["valid"], prompt["valid"][row]),
+                    positions=fill(c["positions"], prompt["positions"][row]),
+                    hidden=take(c["hidden"], prompt_hidden[row], 0),
+                    prompt_length=jnp.where(admitted, prompt["lengths"][row], c["prompt_length"]),
                     sample=jnp.where(admitted, sample, c["sample"]), j=jnp.where(admitted, 0, c["j"]),
                     running=c["running"] | admitted, next=c["next"] + jnp.sum(admitted, dtype=jnp.int32))
 

@@ -126,12 +126,6 @@ class RowLayout:
         return jax.tree_util.tree_map(
             lambda x: x if x.ndim == 0 else jax.lax.with_sharding_constraint(x, self._rows(x.ndim)), tree)
 
-    def whole(self, tree: Any) -> Any:
-        """Inside jit: every array of the tree whole on every device of the mesh (unchanged when unsplit)."""
-        if self.mesh is None:
-            return tree
-        return jax.lax.with_sharding_constraint(tree, NamedSharding(self.mesh, PartitionSpec()))
-
     def rowwise(self, fn: Callable[[Any], Any]) -> Callable[[Any], Any]:
         """Inside jit: fn (row-wise: row i of the output depends on row i of the input only) applied to
         each row shard on its own devices (jax.shard_map over the row axes; other mesh axes stay

@@ -8,6 +8,7 @@ per-device FLOPs of the compiled decode loop against the one-device program.
 
 import dataclasses
 import json
+import math
 import os
 import re
 import sys
@@ -16,14 +17,16 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from pf_jax.models.config import ModelConfig
 from pf_jax.models.decoder import Decoder
-from pf_jax.sampling import GenerationConfig, SamplingParams, generate, sampler
+from pf_jax.sampling import GenerationConfig, SamplingParams, continuous, generate, sampler
 from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.power import PowerSamplingConfig, power_generate
+from pf_jax.sampling.prompts import bucket_length
 from pf_jax.sharding.mesh import DEFAULT_RULES, make_mesh, sampler_rules, state_shardings
 
 PROMPTS = [[5, 9, 13], [7, 11], [2, 3, 4, 5, 6, 7, 8, 9, 10], [21]]
@@ -67,6 +70,24 @@ def decode_flops(m: Decoder, prompts, n: int, config: GenerationConfig) -> tuple
     return float(compiled.cost_analysis()["flops"]), collectives
 
 
+def continuous_gathers(m: Decoder) -> dict[str, int]:
+    """The continuous case's compiled decode loop on m's mesh: the element count of its largest all-gather,
+    against one token's keys or values per slot (kv heads x head dim x slots)."""
+    prompts, n, config = CASES["continuous"]
+    config, graphdef, state, layout, tokens, mask = sampler.prepare_prompts(m, prompts, config, 1)
+    hidden, cache = sampler.prefill(graphdef, state, *layout.place_rows((tokens, mask)),
+                                     cache_len=tokens.shape[1] + config.max_new_tokens, n=1, layout=layout)
+    prompt, hidden = continuous._bucket_prompts(cache, hidden, mask, tokens.shape[1], layout.shards)
+    slots, samples = layout.padded_rows(config.slots), len(prompts) * n
+    text = continuous._decode_continuous.lower(
+        graphdef, state, hidden, prompt, jax.random.key(0), jnp.int32(samples), jnp.int32(n), jnp.int32(0), None,
+        config=config, layout=layout, slots=slots, capacity=bucket_length(samples, minimum=1)).compile().as_text()
+    shapes = [[int(d) for d in dims.split(",") if d] for dims in re.findall(r"= \w+\[([0-9,]*)\]\S* all-gather\(", text)]
+    return {"max_gather_elements": max((math.prod(s) for s in shapes), default=0),
+            "one_token_kv": slots * m.cfg.num_kv_heads * m.cfg.head_dim,
+            "prompt_cache_elements": math.prod(prompt["k"].shape)}
+
+
 def diff(ref, out) -> dict[str, float]:
     exact = max(int(np.sum(np.asarray(getattr(ref, f)) != np.asarray(getattr(out, f)))) for f in FIELDS)
     logp = max(float(np.max(np.abs(np.asarray(getattr(ref, f)) - np.asarray(getattr(out, f)))))
@@ -98,6 +119,7 @@ def main(shapes: list[tuple[int, int, int]]) -> None:
         flops, collectives = decode_flops(placed, PROMPTS[:2], 4, CASES["topk_t07"][2])
         print(json.dumps({"mesh": shape, "case": "cost", "shards": layout.shards, "flops_ratio": flops / flops_one,
                           "collectives": collectives}), flush=True)
+        print(json.dumps({"mesh": shape, "case": "continuous_cost", **continuous_gathers(placed)}), flush=True)
 
 
 if __name__ == "__main__":
