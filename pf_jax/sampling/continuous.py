@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -171,13 +171,12 @@ def _shard_queues(prompts: Array, n: Array, rows: int, layout: RowLayout) -> dic
 SLOT_FIELDS = ("hidden", "sample", "j", "running", "prompt_length", "next", "queued")
 
 
-def _sharded_admit(layout: RowLayout, capacity: int):
+def _sharded_admit(layout: RowLayout, capacity: int) -> Callable[..., dict]:
     """_admit on each row shard's own slots, queue and prompts (jax.shard_map over the row axes; other mesh
     axes stay automatic); unsplit, _admit itself."""
     if layout.mesh is None:
         return lambda c, prompt, hidden, n: _merge_view(c, _admit(_admit_view(c), prompt, hidden, n, capacity, 0, 1))
-    rows = PartitionSpec(layout._row_axes)
-    cache_rows = PartitionSpec(None, layout._row_axes)
+    rows, cache_rows = layout.row_spec(), layout.row_spec(axis=1)
     specs = dict(k=cache_rows, v=cache_rows, valid=rows, positions=rows, **{f: rows for f in SLOT_FIELDS})
     prompt_specs = dict(k=cache_rows, v=cache_rows, valid=rows, positions=rows, lengths=rows)
 

@@ -98,6 +98,11 @@ class RowLayout:
         return SampleResult(**{k: jnp.asarray(v) for k, v in prompt.items()},
                             **{k: keep(v) for k, v in out.items()})
 
+    def row_spec(self, axis: int = 0) -> PartitionSpec:
+        """The PartitionSpec of an array whose dim `axis` is rows (e.g. 1 for a KV cache's keys), split over
+        the row axes; for shard_map's in_specs / out_specs."""
+        return PartitionSpec(*([None] * axis), self._row_axes)
+
     @property
     def _row_axes(self) -> str | tuple[str, ...]:
         """The row axes as one PartitionSpec entry."""
@@ -132,7 +137,7 @@ class RowLayout:
         automatic). For ops that XLA's partitioner would otherwise gather over the batch (lax.top_k)."""
         if self.mesh is None:
             return fn
-        spec = PartitionSpec(self._row_axes)
+        spec = self.row_spec()
         return jax.shard_map(fn, mesh=self.mesh, in_specs=spec, out_specs=spec, axis_names=set(self.axes))
 
     def constrain_cache(self, cache: Any) -> Any:
