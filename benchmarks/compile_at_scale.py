@@ -99,7 +99,8 @@ def sampler_row(slots: int | None) -> dict:
     overrides = [] if slots is None else ["rollout.batching=continuous", f"rollout.slots={slots}"]
     r = abstract_recipe(load_config(TrainConfig, recipe, overrides), tpu_topology(topology))
     prefill, decode = compile_sampler(r)
-    return {"batching": "static" if slots is None else "continuous", "slots": slots or 512, "topology": topology,
+    rows = slots or r.sizes.sampler_prompts * r.sizes.samples  # static: one row per sample
+    return {"batching": "static" if slots is None else "continuous", "slots": rows, "topology": topology,
             "kv_cache_bytes": r.resident["KV cache"], "decode_temp_bytes": decode.temp_bytes,
             "prefill_temp_bytes": prefill.temp_bytes, "decode_peak_bytes": decode.peak_bytes(r.resident),
             "hbm_bytes": r.topology.hbm_bytes, "error": decode.error or prefill.error, "alive": list(SAMPLER_ALIVE),

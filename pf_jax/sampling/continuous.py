@@ -55,7 +55,16 @@ from pf_jax.sampling.sampler import (
 def continuous_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, config: GenerationConfig,
                         *, n: int, first_sample: int = 0) -> SampleResult:
     """generate(..., n) with config.batching "continuous" (unrolled layers; see the module docstring)."""
-    # prefilled once per prompt (n = 1): the prompt list padded until it divides by the row shards
+    args, kwargs, (layout, tokens, mask) = continuous_call(model, prompts, key, config, n=n, first_sample=first_sample)
+    out = _decode_continuous(*args, **kwargs)
+    return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n)
+
+
+def continuous_call(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, config: GenerationConfig,
+                    *, n: int, first_sample: int = 0) -> tuple[tuple, dict, tuple[RowLayout, np.ndarray, np.ndarray]]:
+    """The prompts prefilled (once each, n = 1; the list padded until it divides by the row shards) and the
+    slots' KV memory checked: (args, kwargs) of the decode loop _decode_continuous(*args, **kwargs), and
+    (layout, tokens, mask) for its result."""
     config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, 1)
     samples = len(prompts) * n
     slots = layout.padded_rows(samples if config.slots is None else config.slots)
@@ -63,13 +72,12 @@ def continuous_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: A
     length = tokens.shape[1] + config.max_new_tokens
     hidden, cache = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache_len=length, n=1,
                             layout=layout)
+    # only the prompts' first prompt-bucket slots are kept: their full-length cache is freed on return
     prompt_cache, hidden = _bucket_prompts(cache, hidden, mask, tokens.shape[1], layout.shards)
-    del cache  # the prompts' full-length cache: only their first prompt-bucket slots are kept
-    out = _decode_continuous(graphdef, state, hidden, prompt_cache, key, jnp.int32(samples), jnp.int32(n),
-                             jnp.int32(first_sample), decode_packing(model, layout, slots), config=config,
-                             layout=layout, slots=slots,
-                             capacity=bucket_length(samples, minimum=1))
-    return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n)
+    args = (graphdef, state, hidden, prompt_cache, key, jnp.int32(samples), jnp.int32(n), jnp.int32(first_sample),
+            decode_packing(model, layout, slots))
+    kwargs = dict(config=config, layout=layout, slots=slots, capacity=bucket_length(samples, minimum=1))
+    return args, kwargs, (layout, tokens, mask)
 
 
 def kv_cache_bytes(model: Decoder, rows: int, length: int) -> int:
@@ -168,40 +176,36 @@ def _shard_queues(prompts: Array, n: Array, rows: int, layout: RowLayout) -> dic
     return layout.constrain_rows(dict(next=jnp.zeros((shards,), jnp.int32), queued=owned * n))
 
 
-SLOT_FIELDS = ("hidden", "sample", "j", "running", "prompt_length", "next", "queued")
+SLOT_FIELDS = ("cache", "hidden", "sample", "j", "running", "prompt_length", "next", "queued")
 
 
 def _sharded_admit(layout: RowLayout, capacity: int) -> Callable[..., dict]:
     """_admit on each row shard's own slots, queue and prompts (jax.shard_map over the row axes; other mesh
     axes stay automatic); unsplit, _admit itself."""
     if layout.mesh is None:
-        return lambda c, prompt, hidden, n: _merge_view(c, _admit(_admit_view(c), prompt, hidden, n, capacity, 0, 1))
+        return lambda c, prompt, hidden, n: _admit(c, prompt, hidden, n, capacity, 0, 1)
     rows, cache_rows = layout.row_spec(), layout.row_spec(axis=1)
-    specs = dict(k=cache_rows, v=cache_rows, valid=rows, positions=rows, **{f: rows for f in SLOT_FIELDS})
+    specs = {f: rows for f in SLOT_FIELDS}
     prompt_specs = dict(k=cache_rows, v=cache_rows, valid=rows, positions=rows, lengths=rows)
 
-    def local(view: dict, prompt: dict, hidden: Array, n: Array) -> dict:
+    def local(slots: dict, prompt: dict, hidden: Array, n: Array) -> dict:
         shard = jax.lax.axis_index(layout.axes)
-        return _admit(view, prompt, hidden, n, capacity, shard, layout.shards)
+        return _admit(slots, prompt, hidden, n, capacity, shard, layout.shards)
 
-    mapped = jax.shard_map(local, mesh=layout.mesh, in_specs=(specs, prompt_specs, rows, PartitionSpec()),
-                           out_specs=specs, axis_names=set(layout.axes))
-    return lambda c, prompt, hidden, n: _merge_view(c, mapped(_admit_view(c), prompt, hidden, n))
+    def admit(c: dict, prompt: dict, hidden: Array, n: Array) -> dict:
+        slots = {f: c[f] for f in SLOT_FIELDS}
+        cache_specs = c["cache"].replace(k=cache_rows, v=cache_rows, valid=rows, positions=rows, index=rows)
+        mapped = jax.shard_map(local, mesh=layout.mesh, in_specs=({**specs, "cache": cache_specs}, prompt_specs, rows,
+                                                                  PartitionSpec()),
+                               out_specs={**specs, "cache": cache_specs}, axis_names=set(layout.axes))
+        return dict(c, **mapped(slots, prompt, hidden, n))
 
-
-def _admit_view(c: dict) -> dict:
-    cache = c["cache"]
-    return dict(k=cache.k, v=cache.v, valid=cache.valid, positions=cache.positions, **{f: c[f] for f in SLOT_FIELDS})
-
-
-def _merge_view(c: dict, view: dict) -> dict:
-    cache = c["cache"].replace(k=view["k"], v=view["v"], valid=view["valid"], positions=view["positions"])
-    return dict(c, cache=cache, **{f: view[f] for f in SLOT_FIELDS})
+    return admit
 
 
 def _admit(c: dict, prompt: dict[str, Array], prompt_hidden: Array, n: Array, capacity: int, shard: Array | int,
            shards: int) -> dict:
-    """One row shard's admission (`c`: its slots' cache arrays and state, its queue; `prompt`: its block of
+    """One row shard's admission (`c`: its slots' cache and state, its queue; `prompt`: its block of
     prompt rows, prompt_of_row): its free slots, lowest first, take its waiting samples in order, their
     prompts' cache slots, hidden states and lengths, token count 0; slots left free when none waits become
     idle (sample = capacity). One select per slot row, no dynamic row index."""
@@ -213,14 +217,14 @@ def _admit(c: dict, prompt: dict[str, Array], prompt_hidden: Array, n: Array, ca
         waiting = c["next"][0] + rank  # the shard's own sample index: its j-th prompt's i-th sample
         row = jnp.minimum(waiting // n, prompt_hidden.shape[0] - 1)
         sample = (row * shards + shard) * n + waiting % n
-        P = prompt["k"].shape[2]
+        cache, P = c["cache"], prompt["k"].shape[2]
         take = lambda old, new, axis: jnp.where(admitted.reshape((-1,) + (1,) * (old.ndim - axis - 1)), new, old)
-        k = c["k"].at[:, :, :P].set(take(c["k"][:, :, :P], prompt["k"][:, row], 1))
-        v = c["v"].at[:, :, :P].set(take(c["v"][:, :, :P], prompt["v"][:, row], 1))
+        k = cache.k.at[:, :, :P].set(take(cache.k[:, :, :P], prompt["k"][:, row], 1))
+        v = cache.v.at[:, :, :P].set(take(cache.v[:, :, :P], prompt["v"][:, row], 1))
         fill = lambda buf, head: take(buf, jnp.zeros_like(buf).at[:, :P].set(head), 0)
-        return dict(c, k=k, v=v, valid=fill(c["valid"], prompt["valid"][row]),
-                    positions=fill(c["positions"], prompt["positions"][row]),
-                    hidden=take(c["hidden"], prompt_hidden[row], 0),
+        cache = cache.replace(k=k, v=v, valid=fill(cache.valid, prompt["valid"][row]),
+                              positions=fill(cache.positions, prompt["positions"][row]))
+        return dict(c, cache=cache, hidden=take(c["hidden"], prompt_hidden[row], 0),
                     prompt_length=jnp.where(admitted, prompt["lengths"][row], c["prompt_length"]),
                     sample=jnp.where(admitted, sample, c["sample"]), j=jnp.where(admitted, 0, c["j"]),
                     running=c["running"] | admitted, next=c["next"] + jnp.sum(admitted, dtype=jnp.int32))

@@ -17,7 +17,6 @@ os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_p
 os.environ["JAX_PLATFORMS"] = "cpu"
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -26,7 +25,6 @@ from pf_jax.models.decoder import Decoder
 from pf_jax.sampling import GenerationConfig, SamplingParams, continuous, generate, sampler
 from pf_jax.sampling.layout import RowLayout
 from pf_jax.sampling.power import PowerSamplingConfig, power_generate
-from pf_jax.sampling.prompts import bucket_length
 from pf_jax.sharding.mesh import DEFAULT_RULES, make_mesh, sampler_rules, state_shardings
 
 PROMPTS = [[5, 9, 13], [7, 11], [2, 3, 4, 5, 6, 7, 8, 9, 10], [21]]
@@ -74,18 +72,12 @@ def continuous_gathers(m: Decoder) -> dict[str, int]:
     """The continuous case's compiled decode loop on m's mesh: the element count of its largest all-gather,
     against one token's keys or values per slot (kv heads x head dim x slots)."""
     prompts, n, config = CASES["continuous"]
-    config, graphdef, state, layout, tokens, mask = sampler.prepare_prompts(m, prompts, config, 1)
-    hidden, cache = sampler.prefill(graphdef, state, *layout.place_rows((tokens, mask)),
-                                     cache_len=tokens.shape[1] + config.max_new_tokens, n=1, layout=layout)
-    prompt, hidden = continuous._bucket_prompts(cache, hidden, mask, tokens.shape[1], layout.shards)
-    slots, samples = layout.padded_rows(config.slots), len(prompts) * n
-    text = continuous._decode_continuous.lower(
-        graphdef, state, hidden, prompt, jax.random.key(0), jnp.int32(samples), jnp.int32(n), jnp.int32(0), None,
-        config=config, layout=layout, slots=slots, capacity=bucket_length(samples, minimum=1)).compile().as_text()
+    args, kwargs, _ = continuous.continuous_call(m, prompts, jax.random.key(0), config, n=n)
+    text = continuous._decode_continuous.lower(*args, **kwargs).compile().as_text()
     shapes = [[int(d) for d in dims.split(",") if d] for dims in re.findall(r"= \w+\[([0-9,]*)\]\S* all-gather\(", text)]
     return {"max_gather_elements": max((math.prod(s) for s in shapes), default=0),
-            "one_token_kv": slots * m.cfg.num_kv_heads * m.cfg.head_dim,
-            "prompt_cache_elements": math.prod(prompt["k"].shape)}
+            "one_token_kv": kwargs["slots"] * m.cfg.num_kv_heads * m.cfg.head_dim,
+            "prompt_cache_elements": math.prod(args[3]["k"].shape)}
 
 
 def diff(ref, out) -> dict[str, float]:
