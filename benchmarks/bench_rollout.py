@@ -12,7 +12,9 @@ afterwards on the text (pf_jax.sampling.stops), as the trainer does, and the tok
 - static: the samples in calls of --slots rows (slots / samples prompts each), each call decoding until
   its longest row ends; draws keyed per sample (sample_keys, first_sample), so that both rollouts draw
   the same samples (identical_samples_fraction reports how many came out token for token the same);
-- continuous: one call with --slots rows, a row taking the next waiting sample when its sample ends.
+- continuous: one call with --slots rows, a row taking the next waiting sample when its sample ends;
+- paged (--paged): the same call with the paged KV cache (rollout.kv_cache=paged, 16-token pages): its
+  attention gathers each row's pages on CPU (the Pallas kernel is TPU's), so this measures that cost.
 
 Useful tokens = response tokens through the stop (non-padding, after the text cut). Each timing is a whole
 rollout (prefill + decode, compilation excluded by one warm-up each); runs alternate A/B and the medians
@@ -88,6 +90,14 @@ def continuous_rollout(model, ids, key, config, n, slots):
     return [result], None
 
 
+def paged_rollout(model, ids, key, config, n, slots):
+    """continuous_rollout with the paged KV cache (rollout.kv_cache=paged, 16-token pages, every slot's reserve)."""
+    paged = dataclasses.replace(config, batching="continuous", slots=slots, kv_cache="paged", page_size=16)
+    result = generate(model, ids, key, paged, n=n)
+    jax.block_until_ready(result.tokens)
+    return [result], None
+
+
 def same_samples(a: list, b: list) -> float:
     """The fraction of samples whose response tokens are the same in both rollouts."""
     ta = np.concatenate([np.asarray(r.tokens) for r in a])
@@ -110,6 +120,8 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each, alternating")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    parser.add_argument("--paged", action="store_true",
+                        help="also time continuous batching with the paged KV cache (paged_over_continuous_ratio)")
     args = parser.parse_args()
 
     model, tokenizer = load_model("gemma3-270m", dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=False)
@@ -120,11 +132,11 @@ def main() -> None:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=1.0),
                               stop_token_ids=stops, min_prompt_bucket=8, sample_keys=True,
                               stop_sequences=stop_token_sequences((STOP,), encode, decode))
-    runs = {"static": static_rollout, "continuous": continuous_rollout}
+    runs = {"static": static_rollout, "continuous": continuous_rollout} | ({"paged": paged_rollout} if args.paged else {})
     times: dict[str, list[float]] = {k: [] for k in runs}
     useful: dict[str, list[int]] = {k: [] for k in runs}
     lengths: dict[str, np.ndarray] = {}
-    static_steps, identical = [], []
+    static_steps, identical, paged_identical = [], [], []
     per_call = max(1, args.slots // args.samples)
     buckets = {bucket_length(max(map(len, ids[s : s + per_call])), minimum=8): s for s in range(0, len(ids), per_call)}
     warm = [ids[s : s + per_call] for s in buckets.values()]  # one static call per prompt bucket compiles them all
@@ -148,6 +160,8 @@ def main() -> None:
             print(f"{name} run {rep}: {seconds:.1f}s, {got.sum()} useful tokens, {got.sum() / seconds:.1f} tok/s",
                   flush=True)
         identical.append(same_samples(outputs["static"][0], outputs["continuous"][0]))
+        if args.paged:
+            paged_identical.append(same_samples(outputs["paged"][0], outputs["continuous"][0]))
     rate = {k: statistics.median(u / t for u, t in zip(useful[k], times[k])) for k in runs}
     out = {
         "model": "gemma3-270m float32", "device": f"{jax.default_backend()} ({jax.devices()[0].device_kind})",
@@ -167,6 +181,9 @@ def main() -> None:
         "length_histogram": {k: histogram(v, args.max_new_tokens) for k, v in lengths.items()},
         "mean_useful_length": {k: float(v.mean()) for k, v in lengths.items()},
     }
+    if args.paged:
+        out |= {"paged_useful_tok_s_median": rate["paged"], "paged_over_continuous_ratio": rate["paged"] / rate["continuous"],
+                "paged_identical_to_continuous_fraction": paged_identical}
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -107,6 +107,38 @@ def sampler_row(slots: int | None) -> dict:
             "wall_s": time.perf_counter() - started}
 
 
+# Continuous batching's slot cache, dense against paged (rollout.kv_cache), on one chip (paged runs on one
+# device for now): (name, recipe, topology, overrides); every sample has a slot.
+PAGED = [
+    ("Gemma 3 270M GRPO, 16 prompts x 8, 256 + 512 tokens", "configs/grpo/gemma3-270m-math.yaml", "v5e:1x1",
+     ["rollout.prompts_per_step=16", "rollout.samples_per_prompt=8", "rollout.max_new_tokens=512"]),
+    ("Qwen2.5 7B GRPO, 8 prompts x 8, 1024 + 2048 tokens", "configs/grpo/qwen2.5-7b-math.yaml", "v6e:1x1",
+     ["rollout.prompts_per_step=8", "rollout.samples_per_prompt=8"]),
+]
+
+
+def paged_row(name: str, recipe: str, topology: str, overrides: list[str], kv_cache: str) -> dict:
+    """The continuous sampler's decode loop with the `kv_cache` slot cache: its temporaries (the slots'
+    cache or the page pool), the resident prompts' cache, and its Pallas kernel calls."""
+    started = time.perf_counter()
+    cfg = load_config(TrainConfig, recipe, [*overrides, "rollout.batching=continuous", f"rollout.kv_cache={kv_cache}"])
+    r = abstract_recipe(cfg, tpu_topology(topology))
+    _, decode = compile_sampler(r)
+    return {"name": name, "kv_cache": kv_cache, "topology": topology, "note": decode.note,
+            "kv_cache_bytes": r.resident["KV cache"], "decode_temp_bytes": decode.temp_bytes,
+            "decode_peak_bytes": decode.peak_bytes(r.resident), "kernels": decode.kernels,
+            "hbm_bytes": r.topology.hbm_bytes, "error": decode.error, "wall_s": time.perf_counter() - started}
+
+
+def paged_table(rows: list[dict]) -> str:
+    lines = ["| continuous sampler | chip | KV cache | resident prompts' cache | decode-loop temporaries | "
+             "Pallas calls in the loop |", "|---|---|---|---|---|---|"]
+    lines += [f"| {r['name']} | {r['topology']} | {r['kv_cache']} | {r['kv_cache_bytes'] / GiB:.2f} GiB | "
+              f"{r['decode_temp_bytes'] / GiB:.2f} GiB | {r['kernels']}{' (' + r['error'] + ')' if r['error'] else ''} |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def sampler_table(rows: list[dict]) -> str:
     lines = ["| 7B GRPO sampler | decode rows | resident KV cache | decode-loop temporaries | decode peak (per device) |",
              "|---|---|---|---|---|"]
@@ -165,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip-recipes", action="store_true")
     ap.add_argument("--lora", action="store_true", help="also LoRA vs full fine-tuning for the 7B PowerFlow recipe")
     ap.add_argument("--sampler", action="store_true", help="also the 7B GRPO sampler, static against continuous")
+    ap.add_argument("--paged", action="store_true", help="also continuous batching's dense against paged KV cache")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results/compile_at_scale.json"))
     args = ap.parse_args(argv)
     results: dict = json.loads(args.json.read_text()) if args.json.is_file() else {}
@@ -198,6 +231,14 @@ def main(argv: list[str] | None = None) -> int:
             results["sampler"].append(sampler_row(slots))
             _write(args.json, results)
         print(sampler_table(results["sampler"]))
+    if args.paged:
+        results["paged"] = []
+        for name, recipe, topology, overrides in PAGED:
+            for kv_cache in ("dense", "paged"):
+                print(f"[compile_at_scale] {name}, {kv_cache} ...", file=sys.stderr, flush=True)
+                results["paged"].append(paged_row(name, recipe, topology, overrides, kv_cache))
+                _write(args.json, results)
+        print(paged_table(results["paged"]))
     print(recipe_table(results.get("recipes", [])))
     print()
     print(context_table(results.get("context", [])))

@@ -49,6 +49,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="continuous: --slots rows at a time, an ended row taking the next waiting sample")
     parser.add_argument("--slots", type=int, default=None, help="continuous batching: rows decoded at once "
                         "(default: one per sample)")
+    parser.add_argument("--kv-cache", choices=["dense", "paged"], default="dense",
+                        help="continuous batching's KV cache: paged shares each prompt's pages among its samples")
     chat = parser.add_mutually_exclusive_group()
     chat.add_argument("--chat", dest="chat", action="store_true", default=None,
                       help="wrap each prompt in the tokenizer's chat template (default: when it has one)")
@@ -120,7 +122,7 @@ def _generation_config(args: argparse.Namespace):
         sampling = SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p)
         config = GenerationConfig(max_new_tokens=args.max_new_tokens, min_new_tokens=args.min_new_tokens,
                                   sampling=sampling, stop_token_ids=tuple(args.stop_token_id),
-                                  batching=args.batching, slots=args.slots)
+                                  batching=args.batching, slots=args.slots, kv_cache=args.kv_cache)
         if args.num_samples < 1:
             raise ValueError(f"-n (samples per prompt) must be >= 1, got {args.num_samples}")
         if any(not s for s in args.stop):

@@ -126,6 +126,26 @@ def test_continuous_batching_plans_its_own_decode_loop(tiny_plan):
     assert plan.fits
 
 
+def test_paged_kv_cache_plans_the_pallas_kernel_on_one_chip():
+    """rollout.kv_cache=paged on one v5e chip: the continuous loop's decode attention is the Pallas
+    paged-attention kernel (head_dim 128), and its pool of pages, which shares each prompt's pages among its
+    samples, takes less of the loop's memory than the dense slots; on a mesh it is one clear error."""
+    sizes = [*SPLASH, "rollout.batching=continuous", "rollout.samples_per_prompt=8", "rollout.max_new_tokens=256"]
+    plans = {}
+    for kv in ("dense", "paged"):
+        recipe = abstract_recipe(load_config(TrainConfig, "configs/default.yaml", [*sizes, f"rollout.kv_cache={kv}"]),
+                                 tpu_topology("v5e:1x1"))
+        plans[kv] = compiled_plan.SAMPLER_PROGRAMS["continuous"](recipe)[-1]
+    dense, paged = plans["dense"], plans["paged"]
+    assert not paged.error and "pages of 16 tokens" in paged.note, paged.error
+    assert paged.kernels > dense.kernels == 0
+    assert paged.temp_bytes < dense.temp_bytes
+    mesh = abstract_recipe(load_config(TrainConfig, "configs/default.yaml", [*sizes, "rollout.kv_cache=paged"]),
+                           tpu_topology("v5e:2x2"))
+    with pytest.raises(ConfigError, match="kv_cache=paged runs the sampler on one device"):
+        compiled_plan.SAMPLER_PROGRAMS["continuous"](mesh)
+
+
 def test_splash_attention_compiles_in_every_program():
     """With the TPU ops the decoder calls splash attention (a Pallas kernel) wherever its shapes apply: the
     train step, both scoring passes and the prefill of a fresh cache; the decode steps use the einsum."""

@@ -15,6 +15,7 @@ from pf_jax.config.errors import ConfigError
 from pf_jax.models.logprobs import sequence_logprobs
 from pf_jax.sampling import GenerationConfig, SamplingParams, generate
 from pf_jax.sampling.continuous import _decode_continuous, check_kv_memory, kv_cache_bytes
+from pf_jax.sampling.slot_caches import DenseSlots, PagedSlots
 from tests.test_sampling_generate import LOGP_TOLERANCE, count_compilations, tiny_model
 from tests.test_user_errors import train_fails
 
@@ -63,6 +64,32 @@ def test_continuous_returns_the_static_samples_whatever_the_slot_count(arch, par
     assert np.all(np.asarray(continuous.policy_logprobs)[~response] == 0)
 
 
+@pytest.mark.parametrize(("arch", "page_size", "pools"), [("llama", 4, (None, 6)), ("gemma3", 3, (5,))])
+def test_paged_cache_returns_the_dense_samples(arch, page_size, pools):
+    """Shared prompt pages, a pool that holds every slot's reserve (None) or one sample's (6 pages of 4
+    tokens for 12 new ones; gemma3: 5 of 3, its sliding window binding): the dense cache's tokens, lengths
+    and finish reasons, log-probs to float32 rounding (the attention sums over other padding)."""
+    model = tiny_model(arch, seed=1)
+    config = dataclasses.replace(static_config(temperature=1.0), batching="continuous", slots=4)
+    dense = generate(model, PROMPTS, jax.random.key(7), config, n=3)
+    for pages in pools:
+        paged = generate(model, PROMPTS, jax.random.key(7),
+                         dataclasses.replace(config, kv_cache="paged", page_size=page_size, kv_pages=pages), n=3)
+        for name in ("tokens", "response_mask", "lengths", "finish_reason"):
+            np.testing.assert_array_equal(np.asarray(getattr(paged, name)), np.asarray(getattr(dense, name)), name)
+        np.testing.assert_allclose(np.asarray(paged.policy_logprobs), np.asarray(dense.policy_logprobs),
+                                   atol=LOGP_TOLERANCE, rtol=0)
+
+
+def test_paged_cache_bad_settings_are_one_clear_error():
+    config = dataclasses.replace(static_config(temperature=1.0), batching="continuous", kv_cache="paged",
+                                 page_size=4, kv_pages=3)
+    with pytest.raises(ConfigError, match=r"kv_pages=3 cannot hold one sample: a sample takes up to 4 pages"):
+        generate(tiny_model("llama"), PROMPTS, jax.random.key(0), config, n=2)
+    with pytest.raises(ConfigError, match="kv_cache=paged is continuous batching's cache"):
+        GenerationConfig(kv_cache="paged")
+
+
 def test_min_new_tokens_and_greedy_match_static():
     model = tiny_model("qwen3", seed=2)
     config = dataclasses.replace(static_config(temperature=0.0), min_new_tokens=4)
@@ -94,13 +121,21 @@ def test_slots_must_be_positive():
 def test_kv_memory_check_names_the_sizes():
     model = tiny_model("llama")
     need = kv_cache_bytes(model, 8, 16 + 32)
-    check_kv_memory(model, 8, 16, 32, free=need)  # fits exactly
+    check_kv_memory(model, DenseSlots(16, 32), 8, 2, free=need)  # fits exactly
     with pytest.raises(ConfigError, match=r"rollout.slots=8 needs a KV cache .*8 slots x \(16 prompt \+ 32 new tokens\)"):
-        check_kv_memory(model, 8, 16, 32, free=need - 1)
+        check_kv_memory(model, DenseSlots(16, 32), 8, 2, free=need - 1)
+    paged = PagedSlots(16, 32, page_size=8, pages=20)  # 2 prompts x 2 pages + 20 + 1 scratch, of 8 tokens each
+    check_kv_memory(model, paged, 8, 2, free=kv_cache_bytes(model, 25, 8))
+    with pytest.raises(ConfigError, match=r"25 pages of 8 tokens \(2 prompts x 2 \+ 20 for the samples \+ 1 scratch\)"):
+        check_kv_memory(model, paged, 8, 2, free=kv_cache_bytes(model, 25, 8) - 1)
 
 
 def test_train_refuses_non_positive_slots(capsys, tmp_path):
     train_fails(capsys, tmp_path, ["rollout.batching=continuous", "rollout.slots=0"], "rollout.slots", ">= 1")
+
+
+def test_train_refuses_a_paged_cache_without_continuous_batching(capsys, tmp_path):
+    train_fails(capsys, tmp_path, ["rollout.kv_cache=paged"], "rollout.kv_cache=paged", "rollout.batching=continuous")
 
 
 def test_train_refuses_slots_beyond_memory(capsys, tmp_path):

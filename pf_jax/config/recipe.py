@@ -141,6 +141,11 @@ class RolloutSection(Section):
     in memory. With the sampler's weights on a mesh, the slots are split over its batch axes (rounded up
     to a multiple of their shard count), as static batching splits its rows, and so are the prompts: each
     shard's slots take the samples of its own prompts.
+    kv_cache: where continuous batching keeps the slots' keys and values: `dense`, a row of prompt bucket +
+    max_new_tokens per slot; `paged`, one pool of page_size-token pages (pf_jax.sampling.slot_caches): a
+    prompt's pages are shared by its samples, and a sample takes its pages when admitted and frees them
+    when it ends. kv_pages: the pool's pages for the samples (null: every slot's worst case); with fewer,
+    samples wait for pages as they wait for slots. Paged runs on one device for now.
     mode: `sync` samples each step's rollout with the policy being updated; `async` samples step s + k's
     rollout (k = max_staleness) with the policy of step s on a background thread while step s updates
     (pf_jax.training.async_rollouts). Losses then take the ratio against the policy before the update and
@@ -168,6 +173,9 @@ class RolloutSection(Section):
     stop: list[str] = Field(default_factory=list)
     batching: Literal["static", "continuous"] = "static"
     slots: int | None = None
+    kv_cache: Literal["dense", "paged"] = "dense"
+    page_size: int = Field(16, ge=1)
+    kv_pages: int | None = Field(None, ge=1)
     mode: Literal["sync", "async"] = "sync"
     max_staleness: int = 1
     tis_cap: float | None = 2.0
@@ -209,6 +217,8 @@ class RolloutSection(Section):
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(f"rollout.min_new_tokens={self.min_new_tokens} exceeds rollout.max_new_tokens="
                              f"{self.max_new_tokens}")
+        if self.kv_cache == "paged" and self.batching != "continuous":
+            raise ValueError("rollout.kv_cache=paged is continuous batching's cache: set rollout.batching=continuous")
         return self
 
 

@@ -20,7 +20,7 @@ from flax import nnx
 from jax import Array
 
 from pf_jax.models.config import ModelConfig, rope_inverse_frequencies
-from pf_jax.models.kv_cache import KVCache, write_slots
+from pf_jax.models.kv_cache import KVCache
 from pf_jax.models.lora import (
     EMBEDDING,
     LoraSpec,
@@ -31,6 +31,7 @@ from pf_jax.models.lora import (
     plus_delta,
 )
 from pf_jax.models.ops import AttentionMask, XlaOps
+from pf_jax.models.paged import PagedKVCache
 from pf_jax.models.quantized import compute_array, stored_array
 from pf_jax.sharding.mesh import constrain
 
@@ -38,6 +39,7 @@ EMBED_LAYOUT = ("batch", "length", "embed")  # activations [B, T, D]; pinned onl
 MLP_LAYOUT = ("batch", "length", "mlp")  # MLP hidden [B, T, F]
 
 NO_WINDOW = XlaOps().no_window
+Cache = KVCache | PagedKVCache  # a cache writes and reads its own layout (key_slots, write_layer, attend, advanced)
 DROPOUT_STREAMS = {name: i for i, name in enumerate(("q", "k", "v", "o", "gate", "up", "down"))}  # window of a full-attention layer: larger than any sequence
 
 
@@ -152,12 +154,13 @@ class Decoder(nnx.Module):
         return z if cap is None else jnp.tanh(z / cap) * cap
 
     def __call__(self, tokens: Array, positions: Array, attention_mask: Array | None = None,
-                 cache: KVCache | None = None, *, ops: XlaOps | None = None,
-                 prefill: bool = False, segment_ids: Array | None = None) -> tuple[Array, KVCache | None]:
+                 cache: Cache | None = None, *, ops: XlaOps | None = None,
+                 prefill: bool = False, segment_ids: Array | None = None) -> tuple[Array, Cache | None]:
         """tokens, positions: int [B, T]; attention_mask: bool [B, T] (False = padding).
 
         Without a cache, token t attends to tokens s <= t that are not padding. With a cache, the T new
-        tokens are written at slots [index, index + T) and attend to all valid slots up to their own.
+        tokens are written at slots [index, index + T) and attend to all valid slots up to their own (a
+        PagedKVCache: at each row's slots [lengths, lengths + T), positions = slots; pf_jax.models.paged).
         Sliding layers additionally require position(q) - position(k) < sliding_window.
         ops: this call's implementation (default: the model's, `self.ops`), e.g. the sampler's CPU decode
         kernels with the projections packed once (pf_jax.models.ops.CpuDecodeOps).
@@ -176,8 +179,8 @@ class Decoder(nnx.Module):
         if self.lora is not None and EMBEDDING in self.lora.targets:
             x = plus_delta(x, embedding_delta(self.lora, tokens, self.embed_lora_a[...], self.embed_lora_b[...]).astype(x.dtype))
         x = constrain(x, EMBED_LAYOUT)
-        mask, index, k_valid, k_positions = self._attention_mask(valid, positions, cache, segment_ids)
-        layers = _LayerPass(cfg, ops, self.dtype, positions, mask, index, fresh=cache is not None and prefill,
+        mask, k_valid, k_positions = self._attention_mask(valid, positions, cache, segment_ids)
+        layers = _LayerPass(cfg, ops, self.dtype, positions, mask, cache, fresh=cache is not None and prefill,
                             lora=self.lora, dropout_key=current_dropout_key())
         carry = (x, None, None) if cache is None else (x, cache.k, cache.v)
         x, k_all, v_all = self._run_layers(layers, carry)
@@ -185,7 +188,7 @@ class Decoder(nnx.Module):
         x = constrain(x, EMBED_LAYOUT)
         if cache is None:
             return x, None
-        return x, KVCache(k=k_all, v=v_all, valid=k_valid, positions=k_positions, index=index + tokens.shape[1])
+        return x, cache.advanced(k_all, v_all, k_valid, k_positions, tokens.shape[1])
 
     def _run_layers(self, layers: _LayerPass, carry: tuple) -> tuple:
         """The blocks over (x, the stacked keys, values or None): one lax.scan over the stacked layers, or the
@@ -203,18 +206,15 @@ class Decoder(nnx.Module):
             carry, _ = block(carry, (params, inv_freq[i], windows[i], i))
         return carry
 
-    def _attention_mask(self, valid: Array, positions: Array, cache: KVCache | None, segment_ids: Array | None = None
-                        ) -> tuple[AttentionMask, Array | int, Array, Array]:
-        """(the pass's AttentionMask, the first slot its tokens take (0 without a cache), the keys' valid
-        flags and positions [B, S] after writing the new tokens)."""
+    def _attention_mask(self, valid: Array, positions: Array, cache: Cache | None, segment_ids: Array | None = None
+                        ) -> tuple[AttentionMask, Array, Array]:
+        """(the pass's AttentionMask, the keys' valid flags and positions [B, S] after writing the new tokens)."""
         t = valid.shape[1]
         if cache is None:
-            index, k_valid, k_positions, kv_slots = 0, valid, positions, jnp.arange(t)
-        else:
-            index = cache.index
-            k_valid, k_positions = cache.write(cache.valid, valid), cache.write(cache.positions, positions)
+            q_slots, k_valid, k_positions, kv_slots = jnp.arange(t)[None], valid, positions, jnp.arange(t)
+        else:  # q_slots [1, T], or [B, T] with a per-row index
+            q_slots, k_valid, k_positions = cache.key_slots(valid, positions)
             kv_slots = jnp.arange(cache.max_len)
-        q_slots = jnp.reshape(index, (-1, 1)) + jnp.arange(t)  # [1, T], or [B, T] with a per-row index
         causal = k_valid[:, None, :] & (kv_slots[None, None, :] <= q_slots[:, :, None])  # [B, T, S]
         segments = valid.astype(jnp.int32)
         if segment_ids is not None:
@@ -224,7 +224,7 @@ class Decoder(nnx.Module):
             causal = causal & (segments[:, :, None] == segments[:, None, :])
         distance = positions[:, :, None] - k_positions[:, None, :]  # [B, T, S]
         windows = tuple(sorted({self.cfg.sliding_window if s else NO_WINDOW for s in self.cfg.is_sliding}))
-        return AttentionMask(causal, distance, segments, windows), index, k_valid, k_positions
+        return AttentionMask(causal, distance, segments, windows), k_valid, k_positions
 
 
 def with_layer_layout(model: Decoder, *, scan_layers: bool) -> Decoder:
@@ -257,15 +257,16 @@ def with_layer_layout(model: Decoder, *, scan_layers: bool) -> Decoder:
 @dataclasses.dataclass(frozen=True)
 class _LayerPass:
     """What every block of one forward pass shares: the config, the implementation (pf_jax.models.ops),
-    the compute dtype, the tokens' positions, the attention mask, the cache slot of the first new token,
-    and whether the cache held nothing before (a prefill: self-attention among the new tokens)."""
+    the compute dtype, the tokens' positions, the attention mask, the cache before the pass (it writes and
+    reads its own layout: KVCache or PagedKVCache), and whether the cache held nothing before (a prefill:
+    self-attention among the new tokens)."""
 
     cfg: ModelConfig
     ops: XlaOps
     dtype: jnp.dtype
     positions: Array
     mask: AttentionMask
-    index: Array | int
+    cache: Cache | None
     fresh: bool
     lora: LoraSpec | None = None
     dropout_key: Array | None = None  # the adapters' dropout while training (pf_jax.models.lora)
@@ -309,10 +310,9 @@ class _LayerPass:
         if k_all is None:
             a = ops.self_attention(q, k, v, self.mask, window, scale=scale, softcap=softcap)
         else:
-            k_all = write_slots(k_all, k.astype(k_all.dtype), self.index, layer)
-            v_all = write_slots(v_all, v.astype(v_all.dtype), self.index, layer)
-            a = ops.cached_attention(q, k, v, k_all, v_all, layer, self.mask, window, fresh=self.fresh, scale=scale,
-                                     softcap=softcap)
+            k_all, v_all = self.cache.write_layer(k_all, k, layer), self.cache.write_layer(v_all, v, layer)
+            a = self.cache.attend(ops, q, k, v, k_all, v_all, layer, self.mask, window, fresh=self.fresh, scale=scale,
+                                  softcap=softcap)
         return self.adapted(ops.out(a, p, layer), a, p, "o", layer), k_all, v_all
 
     def mlp(self, x: Array, p: dict[str, Array], layer: Array | int) -> Array:

@@ -51,6 +51,25 @@ class KVCache:
         slots = self.index[:, None] + jnp.arange(new.shape[1])
         return buf.at[jnp.arange(buf.shape[0])[:, None], slots].set(new.astype(buf.dtype), mode="drop")
 
+    def key_slots(self, valid: Array, positions: Array) -> tuple[Array, Array, Array]:
+        """(the new tokens' slots [1 or B, T], the keys' valid flags and positions [B, S] once they are written)."""
+        q_slots = jnp.reshape(self.index, (-1, 1)) + jnp.arange(valid.shape[1])
+        return q_slots, self.write(self.valid, valid), self.write(self.positions, positions)
+
+    def write_layer(self, stacked: Array, new: Array, layer: Array | int) -> Array:
+        """The stacked keys or values with layer `layer`'s new ones [B, T, KVH, Dh] written at the index."""
+        return write_slots(stacked, new.astype(stacked.dtype), self.index, layer)
+
+    def attend(self, ops, q: Array, k: Array, v: Array, k_all: Array, v_all: Array, layer: Array | int, mask,
+               window: Array | int, *, fresh: bool, scale: float, softcap: float | None) -> Array:
+        """The new tokens' attention over the layer's valid slots (ops.cached_attention)."""
+        return ops.cached_attention(q, k, v, k_all, v_all, layer, mask, window, fresh=fresh, scale=scale,
+                                    softcap=softcap)
+
+    def advanced(self, k_all: Array, v_all: Array, k_valid: Array, k_positions: Array, t: int) -> KVCache:
+        """The cache after a pass of t new tokens."""
+        return KVCache(k=k_all, v=v_all, valid=k_valid, positions=k_positions, index=self.index + t)
+
     def repeat_rows(self, n: int) -> KVCache:
         """Every row repeated n times in place (row b becomes rows b*n .. b*n + n - 1): n samples per
         prompt share one prefill."""

@@ -31,6 +31,7 @@ from jax.sharding import Mesh
 
 from pf_jax.kernels import matmul_nn, matmul_nt, matmul_packed, pack_nn
 from pf_jax.kernels.attention import decode_attention
+from pf_jax.models.paged import gather_rows
 from pf_jax.models.quantized import compute_array
 from pf_jax.sharding.mesh import DEFAULT_RULES
 
@@ -122,6 +123,15 @@ class XlaOps:
         v = jax.lax.dynamic_index_in_dim(v_all, layer, 0, keepdims=False).astype(q.dtype)
         return attention(q, k, v, mask.allowed(window), scale=scale, softcap=softcap)
 
+    def paged_attention(self, q: Array, k_pool: Array, v_pool: Array, layer: Array | int, pages: Array,
+                        lengths: Array, mask: AttentionMask, window: Array | int, *, scale: float,
+                        softcap: float | None) -> Array:
+        """The T new tokens attending to their rows' first `lengths` slots (which hold them) in layer `layer`
+        of the paged pools k_pool, v_pool [L, KVH, P, page_size, Dh] through the page tables `pages`
+        [B, pages_per_row] (pf_jax.models.paged). Here: each row's pages gathered into a dense block."""
+        k, v = (gather_rows(pool, layer, pages).astype(q.dtype) for pool in (k_pool, v_pool))
+        return attention(q, k, v, mask.allowed(window), scale=scale, softcap=softcap)
+
 
 def _rule_items(rules: Mapping[str, Sequence[str]]) -> tuple[tuple[str, tuple[str, ...]], ...]:
     return tuple(sorted((name, tuple(axes)) for name, axes in rules.items()))
@@ -185,6 +195,21 @@ class SplashOps(FusedSelfAttention):
         return _window_switch(mask, window, self.no_window, lambda w: splash_attention(
             q, k, v, mask.segment_ids, scale=scale, window=w, softcap=softcap, interpret=self.interpret,
             layout=layout))
+
+    def paged_attention(self, q, k_pool, v_pool, layer, pages, lengths, mask, window, *, scale, softcap):
+        """One decode token per row on one device: the Pallas paged-attention kernel
+        (jax.experimental.pallas.ops.tpu.paged_attention; it computes in bfloat16) for the layers whose
+        window cannot bind within a row's slots; the gathered reference for the rest (the kernel has no
+        sliding window) and on a mesh (no partitioning rule for it yet)."""
+        reference = lambda: super(SplashOps, self).paged_attention(q, k_pool, v_pool, layer, pages, lengths, mask,
+                                                                   window, scale=scale, softcap=softcap)
+        if q.shape[1] != 1 or self.mesh is not None:
+            return reference()
+        span = pages.shape[1] * k_pool.shape[3]
+        kernel = lambda: paged_decode_kernel(q[:, 0] * scale, k_pool[layer], v_pool[layer], lengths, pages, softcap,
+                                             interpret=self.interpret)[:, None]
+        return _window_switch(mask, window, self.no_window,
+                              lambda w: kernel() if w is None or w >= span else reference())
 
 
 
@@ -265,6 +290,23 @@ class CpuDecodeOps(XlaOps):
         if softcap is not None:
             return reference()
         return decode_attention(q, k_all, v_all, mask.allowed(window), layer, scale, reference)
+
+
+def paged_decode_kernel(q: Array, k_pages: Array, v_pages: Array, lengths: Array, pages: Array,
+                        softcap: float | None, *, interpret: bool = False) -> Array:
+    """q [B, H, Dh] (already scaled) against k_pages, v_pages [KVH, P, page_size, Dh] through pages
+    [B, pages_per_row] over each row's first `lengths` slots -> [B, H, Dh], by the Pallas TPU kernel (in
+    Pallas' TPU interpreter with `interpret`, on any backend: for tests)."""
+    from jax.experimental.pallas import tpu as pltpu
+    from jax.experimental.pallas.ops.tpu.paged_attention import paged_attention as kernel
+
+    block = math.gcd(pages.shape[1], 8)  # pages per compute block: must divide the row's pages
+    call = lambda: kernel(q, k_pages, v_pages, lengths, pages, attn_logits_soft_cap=softcap,
+                          pages_per_compute_block=block).astype(q.dtype)
+    if not interpret:
+        return call()
+    with pltpu.force_tpu_interpret_mode(pltpu.InterpretParams()):
+        return call()
 
 
 def pack_projections(model) -> tuple[Layer, ...]:

@@ -94,7 +94,7 @@ class ProgramPlan:
     resident_out: int = 0
     error: str | None = None
     out_of_memory: bool = False  # the error is the compiler's: the program needs more HBM than the chip has
-    kernels: int = 0  # Pallas (Mosaic) custom calls in the program: splash attention where it applies
+    kernels: int = 0  # Pallas (Mosaic) custom calls in the program: splash or paged attention where they apply
     runs: bool = True  # False: compiled for the record, but this recipe's trainer never calls it
 
     @property
@@ -257,7 +257,7 @@ def _compile(name: str, trace: Callable[[], Any], args: Any, *, alive: tuple[str
     try:
         traced = trace()
         lowered = traced.lower()
-        kernels = lowered.as_text().count("tpu_custom_call")  # Pallas (Mosaic) kernels: splash attention
+        kernels = lowered.as_text().count("tpu_custom_call")  # Pallas (Mosaic) kernels: splash, paged attention
         compiled = lowered.compile()
     except ConfigError:
         raise
@@ -444,13 +444,15 @@ def _continuous_sampler(r: AbstractRecipe) -> list[ProgramPlan]:
     from pf_jax.sampling.continuous import _bucket_prompts, _decode_continuous
     from pf_jax.sampling.layout import RowLayout, padded_prompt_count
     from pf_jax.sampling.prompts import bucket_length
+    from pf_jax.sampling.slot_caches import SLOT_CACHES
 
     model, graphdef, state = _sampler_model(r)
     layout, s, max_new = RowLayout.of(state), r.sizes, r.cfg.rollout.max_new_tokens
     prompts, samples = padded_prompt_count(s.sampler_prompts, 1, layout.shards), s.sampler_prompts * s.samples
     slots = layout.padded_rows(samples if r.cfg.rollout.slots is None else r.cfg.rollout.slots)
+    kv = SLOT_CACHES[r.cfg.rollout.kv_cache](r.cfg.rollout, s.prompt_len)
     rows = (f"{s.sampler_prompts} prompts x {s.samples} samples in {slots} slots, "
-            f"{s.prompt_len} + {max_new} slots each")
+            f"{kv.memory(model, slots, bucket_length(prompts, minimum=1))[1]}")
     mask = np.ones((prompts, s.prompt_len), bool)
     prompt = jax.eval_shape(lambda h, c: _bucket_prompts(c, h, mask, s.prompt_len, layout.shards),
                             SDS((prompts, model.cfg.hidden_size), model.dtype),

@@ -176,7 +176,7 @@ def format_compiled_plan(plan: CompiledPlan, cfg: TrainConfig) -> str:
     console.print("  peak: resident items alive while the program runs + its own bytes; XLA FLOPs and bytes accessed "
                   "count each loop body once (layer scan, log-prob chunks, decode steps)")
     for p in plan.programs:
-        kernels = f"; {p.kernels} Pallas kernel call(s) (splash attention)" if p.kernels else ""
+        kernels = f"; {p.kernels} Pallas kernel call(s) (splash or paged attention)" if p.kernels else ""
         console.print(f"  {p.name}: {p.note}{kernels}" + (f"  [failed: {p.error}]" if p.error else ""))
     console.print(_resident_table(plan, cfg))
     console.print(flops_line(plan))

@@ -16,6 +16,11 @@ d + shards, d + 2 shards, ... and its slots admit only their samples, in order, 
 admission runs in a shard_map over the row axes). No device holds another's prompt cache, and the
 samples stay those of one device, whichever slot draws them.
 
+With GenerationConfig.kv_cache "paged" (one device), the slots keep their keys and values in a pool of
+pages instead (pf_jax.sampling.slot_caches.PagedSlots): each prompt's pages are written once and shared
+by its samples, a sample takes its own pages when admitted and frees them when it ends, and the tokens
+and lengths are the dense cache's (log-probs to float rounding: the attention sums over other padding).
+
 Static shapes: the loop's buffers have the prompt count and the sample count rounded up to powers of
 two, so runs with other counts in the same bucket reuse its program.
 """
@@ -50,6 +55,7 @@ from pf_jax.sampling.sampler import (
     sample_rows,
     sample_step_keys,
 )
+from pf_jax.sampling.slot_caches import SLOT_CACHES, kv_bytes
 
 
 def continuous_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, config: GenerationConfig,
@@ -68,7 +74,8 @@ def continuous_call(model: Decoder, prompts: Sequence[Sequence[int]], key: Array
     config, graphdef, state, layout, tokens, mask = prepare_prompts(model, prompts, config, 1)
     samples = len(prompts) * n
     slots = layout.padded_rows(samples if config.slots is None else config.slots)
-    check_kv_memory(model, slots, tokens.shape[1], config.max_new_tokens, shards=layout.shards)
+    kv = SLOT_CACHES[config.kv_cache](config, tokens.shape[1])
+    check_kv_memory(model, kv, slots, bucket_length(len(prompts), minimum=1), shards=layout.shards)
     length = tokens.shape[1] + config.max_new_tokens
     hidden, cache = prefill(graphdef, state, jnp.asarray(tokens), jnp.asarray(mask), cache_len=length, n=1,
                             layout=layout)
@@ -82,8 +89,7 @@ def continuous_call(model: Decoder, prompts: Sequence[Sequence[int]], key: Array
 
 def kv_cache_bytes(model: Decoder, rows: int, length: int) -> int:
     """Bytes of a KV cache of `rows` rows of `length` slots (keys and values of every layer)."""
-    cfg = model.cfg
-    return 2 * cfg.num_layers * rows * length * cfg.num_kv_heads * cfg.head_dim * jnp.dtype(model.dtype).itemsize
+    return kv_bytes(model, rows * length)
 
 
 def free_memory_bytes() -> int | None:
@@ -98,20 +104,20 @@ def free_memory_bytes() -> int | None:
         return None
 
 
-def check_kv_memory(model: Decoder, slots: int, prompt_len: int, max_new_tokens: int,
-                    free: int | None = None, shards: int = 1) -> None:
-    """ConfigError when the slots' KV cache (slots x (prompt bucket + max_new_tokens) slots, split over
-    `shards` row shards) does not fit in one device's free memory (free: bytes, default free_memory_bytes())."""
+def check_kv_memory(model: Decoder, kv, slots: int, prompts: int, free: int | None = None, shards: int = 1) -> None:
+    """ConfigError when the slots' KV cache (kv: pf_jax.sampling.slot_caches; split over `shards` row
+    shards) does not fit in one device's free memory (free: bytes, default free_memory_bytes())."""
     free = free_memory_bytes() if free is None else free
-    need = kv_cache_bytes(model, slots, prompt_len + max_new_tokens) // shards
+    total, sizes = kv.memory(model, slots, prompts)
+    need = total // shards
     if free is not None and need > free:
         cfg = model.cfg
         split = f" / {shards} row shards" if shards > 1 else ""
         raise ConfigError(
-            f"rollout.slots={slots} needs a KV cache of {need / 2**30:.2f} GiB per device ({slots} slots{split} x "
-            f"({prompt_len} prompt + {max_new_tokens} new tokens) x {cfg.num_layers} layers x {cfg.num_kv_heads} kv "
-            f"heads x {cfg.head_dim} dims x 2 (keys, values) x {jnp.dtype(model.dtype).itemsize} bytes), more than "
-            f"the {free / 2**30:.2f} GiB free", hint="lower rollout.slots or rollout.max_new_tokens")
+            f"rollout.slots={slots} needs a KV cache of {need / 2**30:.2f} GiB per device ({sizes}{split} x "
+            f"{cfg.num_layers} layers x {cfg.num_kv_heads} kv heads x {cfg.head_dim} dims x 2 (keys, values) x "
+            f"{jnp.dtype(model.dtype).itemsize} bytes), more than the {free / 2**30:.2f} GiB free",
+            hint="lower rollout.slots or rollout.max_new_tokens (or rollout.kv_pages with kv_cache=paged)")
 
 
 def _bucket_prompts(cache: KVCache, hidden: Array, mask: np.ndarray, prompt_len: int, shards: int = 1
@@ -144,24 +150,28 @@ def _decode_continuous(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, 
     sample (row `capacity` collects the writes of idle slots). Each step: one decode step of every slot,
     then free slots take waiting samples of their shard's prompts (their hidden state the prompt's), then
     every slot draws."""
+    if config.kv_cache == "paged" and layout.mesh is not None:
+        raise ConfigError("rollout.kv_cache=paged runs the sampler on one device for now (its page pool is not "
+                          "split over a mesh yet)", hint="use rollout.kv_cache=dense on a mesh")
     model = nnx.merge(graphdef, state)
     ops = layout.decode_ops(model.ops.on_mesh(layout.mesh), packed)
-    steps, prompt_len = config.max_new_tokens, prompt["k"].shape[2]
-    cache = layout.constrain_cache(KVCache.init(model.cfg, slots, prompt_len + steps, model.dtype, per_row=True))
+    steps, kv = config.max_new_tokens, SLOT_CACHES[config.kv_cache](config, prompt["k"].shape[2])
+    kv_state = kv.init(model, slots, prompt)
+    kv_state["cache"] = layout.constrain_cache(kv_state["cache"])
     rows = layout.constrain_rows(dict(hidden=jnp.zeros((slots, hidden.shape[-1]), hidden.dtype),
                                       sample=jnp.full((slots,), capacity, jnp.int32), j=jnp.zeros((slots,), jnp.int32),
                                       last=jnp.zeros((slots,), jnp.int32), running=jnp.zeros((slots,), bool),
                                       prompt_length=jnp.zeros((slots,), jnp.int32)))
     queue = _shard_queues(samples // n, n, hidden.shape[0], layout)
-    carry = dict(cache=cache, **rows, **queue, out=_outputs(capacity + 1, steps, config.pad_token_id))
-    admit = _sharded_admit(layout, capacity)
+    carry = dict(**kv_state, **rows, **queue, out=_outputs(capacity + 1, steps, config.pad_token_id))
+    admit = _sharded_admit(layout, capacity, kv)
 
     def step(c: dict) -> dict:
         at = jnp.maximum(c["prompt_length"] + c["j"] - 1, 0)
-        cache = c["cache"].replace(index=prompt_len + jnp.maximum(c["j"] - 1, 0))
-        h, cache = model(c["last"][:, None], at[:, None], None, cache, ops=ops)
+        h, cache = model(c["last"][:, None], at[:, None], None, kv.for_step(c), ops=ops)
         c = admit(dict(c, cache=layout.constrain_cache(cache), hidden=h[:, 0]), prompt, hidden, n)
-        return _emit(model, ops, c, key, first_sample, config, layout)
+        out = _emit(model, ops, c, key, first_sample, config, layout)
+        return kv.release(out, c["running"] & ~out["running"])
 
     carry = jax.lax.while_loop(lambda c: jnp.any(c["running"]) | jnp.any(c["next"] < c["queued"]), step, carry)
     return carry["out"]
@@ -179,18 +189,18 @@ def _shard_queues(prompts: Array, n: Array, rows: int, layout: RowLayout) -> dic
 SLOT_FIELDS = ("cache", "hidden", "sample", "j", "running", "prompt_length", "next", "queued")
 
 
-def _sharded_admit(layout: RowLayout, capacity: int) -> Callable[..., dict]:
+def _sharded_admit(layout: RowLayout, capacity: int, kv) -> Callable[..., dict]:
     """_admit on each row shard's own slots, queue and prompts (jax.shard_map over the row axes; other mesh
     axes stay automatic); unsplit, _admit itself."""
     if layout.mesh is None:
-        return lambda c, prompt, hidden, n: _admit(c, prompt, hidden, n, capacity, 0, 1)
+        return lambda c, prompt, hidden, n: _admit(c, prompt, hidden, n, capacity, 0, 1, kv)
     rows, cache_rows = layout.row_spec(), layout.row_spec(axis=1)
     specs = {f: rows for f in SLOT_FIELDS}
     prompt_specs = dict(k=cache_rows, v=cache_rows, valid=rows, positions=rows, lengths=rows)
 
     def local(slots: dict, prompt: dict, hidden: Array, n: Array) -> dict:
         shard = jax.lax.axis_index(layout.axes)
-        return _admit(slots, prompt, hidden, n, capacity, shard, layout.shards)
+        return _admit(slots, prompt, hidden, n, capacity, shard, layout.shards, kv)
 
     def admit(c: dict, prompt: dict, hidden: Array, n: Array) -> dict:
         slots = {f: c[f] for f in SLOT_FIELDS}
@@ -204,27 +214,21 @@ def _sharded_admit(layout: RowLayout, capacity: int) -> Callable[..., dict]:
 
 
 def _admit(c: dict, prompt: dict[str, Array], prompt_hidden: Array, n: Array, capacity: int, shard: Array | int,
-           shards: int) -> dict:
+           shards: int, kv) -> dict:
     """One row shard's admission (`c`: its slots' cache and state, its queue; `prompt`: its block of
-    prompt rows, prompt_of_row): its free slots, lowest first, take its waiting samples in order, their
-    prompts' cache slots, hidden states and lengths, token count 0; slots left free when none waits become
-    idle (sample = capacity). One select per slot row, no dynamic row index."""
+    prompt rows, prompt_of_row): its free slots, lowest first, take its waiting samples in order (as many as
+    the slot cache `kv` can take), their prompts' cache (kv.admit), hidden states and lengths, token count 0;
+    slots left free become idle (sample = capacity). One select per slot row, no dynamic row index."""
     free = ~c["running"]
     rank = jnp.cumsum(free.astype(jnp.int32)) - 1  # a free slot's place among the free slots
-    admitted = free & (rank < c["queued"][0] - c["next"][0])
+    admitted = free & (rank < jnp.minimum(c["queued"][0] - c["next"][0], kv.admissible(c)))
 
     def admit(c: dict) -> dict:
         waiting = c["next"][0] + rank  # the shard's own sample index: its j-th prompt's i-th sample
         row = jnp.minimum(waiting // n, prompt_hidden.shape[0] - 1)
         sample = (row * shards + shard) * n + waiting % n
-        cache, P = c["cache"], prompt["k"].shape[2]
-        take = lambda old, new, axis: jnp.where(admitted.reshape((-1,) + (1,) * (old.ndim - axis - 1)), new, old)
-        k = cache.k.at[:, :, :P].set(take(cache.k[:, :, :P], prompt["k"][:, row], 1))
-        v = cache.v.at[:, :, :P].set(take(cache.v[:, :, :P], prompt["v"][:, row], 1))
-        fill = lambda buf, head: take(buf, jnp.zeros_like(buf).at[:, :P].set(head), 0)
-        cache = cache.replace(k=k, v=v, valid=fill(cache.valid, prompt["valid"][row]),
-                              positions=fill(cache.positions, prompt["positions"][row]))
-        return dict(c, cache=cache, hidden=take(c["hidden"], prompt_hidden[row], 0),
+        c = kv.admit(c, admitted, row, prompt)
+        return dict(c, hidden=jnp.where(admitted[:, None], prompt_hidden[row], c["hidden"]),
                     prompt_length=jnp.where(admitted, prompt["lengths"][row], c["prompt_length"]),
                     sample=jnp.where(admitted, sample, c["sample"]), j=jnp.where(admitted, 0, c["j"]),
                     running=c["running"] | admitted, next=c["next"] + jnp.sum(admitted, dtype=jnp.int32))

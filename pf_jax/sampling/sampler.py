@@ -31,6 +31,7 @@ from pf_jax.sampling.prompts import bucket_length, left_pad
 from pf_jax.sampling.result import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleResult
 
 BATCHING = ("static", "continuous")
+KV_CACHES = ("dense", "paged")  # continuous batching's slot caches (pf_jax.sampling.slot_caches.SLOT_CACHES)
 BATCHED_DECODERS: dict[str, Callable[..., SampleResult]] = {}  # batching name -> generate(...); filled by
 # pf_jax.sampling.continuous when the package is imported (this module stays below it in the import graph)
 
@@ -66,6 +67,9 @@ class GenerationConfig:
     batching: str = "static"  # "static": one batch of every sample; "continuous": pf_jax.sampling.continuous
     slots: int | None = None  # continuous: rows decoded at once (None: one per sample)
     sample_keys: bool = False  # draws keyed by (key, sample id, token index), as continuous batching's are
+    kv_cache: str = "dense"  # continuous: the slots' keys and values (pf_jax.sampling.slot_caches): "dense" | "paged"
+    page_size: int = 16  # kv_cache "paged": tokens per page
+    kv_pages: int | None = None  # kv_cache "paged": pages for the samples (None: every slot's worst case)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -78,6 +82,14 @@ class GenerationConfig:
         if self.slots is not None and self.slots < 1:
             raise ConfigError(f"slots (rows decoded at once) must be >= 1, got {self.slots}",
                               hint="set rollout.slots to a positive count, or leave it out for one per sample")
+        if self.kv_cache not in KV_CACHES:
+            raise ConfigError(f"kv_cache must be one of {', '.join(KV_CACHES)}, got {self.kv_cache!r}")
+        for name, least in (("page_size", 1), ("kv_pages", 1)):
+            if (value := getattr(self, name)) is not None and value < least:
+                raise ConfigError(f"{name} must be >= {least}, got {value}")
+        if self.kv_cache == "paged" and self.batching != "continuous":
+            raise ConfigError("kv_cache=paged is continuous batching's cache", hint="set batching (rollout.batching) "
+                              "to continuous, or kv_cache to dense")
         if not isinstance(self.sampling, SamplingParams):
             raise TypeError(f"GenerationConfig.sampling must be a SamplingParams, got {type(self.sampling).__name__}")
 

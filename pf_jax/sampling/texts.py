@@ -29,6 +29,7 @@ def generation_config(rollout: RolloutSection, codec: TextCodec, *, temperature:
         sampling=SamplingParams(temperature=t, top_k=rollout.top_k, top_p=rollout.top_p, min_p=rollout.min_p),
         eos_token_ids=tuple(codec.eos_ids), pad_token_id=codec.pad_id, min_prompt_bucket=8,
         stop_strings=tuple(rollout.stop), batching=rollout.batching, slots=rollout.slots,
+        kv_cache=rollout.kv_cache, page_size=rollout.page_size, kv_pages=rollout.kv_pages,
         stop_sequences=stop_token_sequences(rollout.stop, codec.encode_response, codec.decode_response),
     )
 

@@ -56,16 +56,18 @@ def check_prompts_fit(rows: Sequence[Mapping[str, Any]], count_tokens: Callable[
 
 
 def check_slots_fit(policy: Any, cfg: TrainConfig, *, sampling: bool) -> None:
-    """ConfigError, before any step, when continuous batching's rollout.slots rows of KV cache (prompt
-    bucket of data.max_prompt_tokens + rollout.max_new_tokens slots each) do not fit in free memory."""
+    """ConfigError, before any step, when continuous batching's KV cache (rollout.slots rows of prompt bucket of
+    data.max_prompt_tokens + rollout.max_new_tokens slots each, or rollout.kv_cache=paged's pool) does not fit
+    in free memory."""
     rollout = cfg.rollout
     if not sampling or rollout.batching != "continuous":
         return
     from pf_jax.sampling.continuous import check_kv_memory
+    from pf_jax.sampling.slot_caches import SLOT_CACHES
 
     slots = rollout.slots or rollout.prompts_per_step * rollout.samples_per_prompt
-    check_kv_memory(policy, slots, bucket_length(cfg.data.max_prompt_tokens, minimum=PROMPT_BUCKET),
-                    rollout.max_new_tokens)
+    kv = SLOT_CACHES[rollout.kv_cache](rollout, bucket_length(cfg.data.max_prompt_tokens, minimum=PROMPT_BUCKET))
+    check_kv_memory(policy, kv, slots, bucket_length(rollout.prompts_per_step, minimum=1))
 
 
 class SkipGuard:
