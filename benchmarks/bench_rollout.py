@@ -13,8 +13,9 @@ afterwards on the text (pf_jax.sampling.stops), as the trainer does, and the tok
   its longest row ends; draws keyed per sample (sample_keys, first_sample), so that both rollouts draw
   the same samples (identical_samples_fraction reports how many came out token for token the same);
 - continuous: one call with --slots rows, a row taking the next waiting sample when its sample ends;
-- paged (--paged): the same call with the paged KV cache (rollout.kv_cache=paged, 16-token pages): its
-  attention gathers each row's pages on CPU (the Pallas kernel is TPU's), so this measures that cost.
+- paged (--paged): the same call with the paged KV cache (rollout.kv_cache=paged, 16-token pages, --kv-pages
+  of them for the samples): its attention gathers each row's pages on CPU (the Pallas kernel is TPU's),
+  so this measures that cost, and with a small pool the cost of preempting and recomputing samples.
 
 Useful tokens = response tokens through the stop (non-padding, after the text cut). Each timing is a whole
 rollout (prefill + decode, compilation excluded by one warm-up each); runs alternate A/B and the medians
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -90,9 +92,11 @@ def continuous_rollout(model, ids, key, config, n, slots):
     return [result], None
 
 
-def paged_rollout(model, ids, key, config, n, slots):
-    """continuous_rollout with the paged KV cache (rollout.kv_cache=paged, 16-token pages, every slot's reserve)."""
-    paged = dataclasses.replace(config, batching="continuous", slots=slots, kv_cache="paged", page_size=16)
+def paged_rollout(model, ids, key, config, n, slots, pages=None):
+    """continuous_rollout with the paged KV cache (rollout.kv_cache=paged, 16-token pages; `pages` for the
+    samples, None: every slot's worst case)."""
+    paged = dataclasses.replace(config, batching="continuous", slots=slots, kv_cache="paged", page_size=16,
+                                kv_pages=pages)
     result = generate(model, ids, key, paged, n=n)
     jax.block_until_ready(result.tokens)
     return [result], None
@@ -122,6 +126,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     parser.add_argument("--paged", action="store_true",
                         help="also time continuous batching with the paged KV cache (paged_over_continuous_ratio)")
+    parser.add_argument("--kv-pages", type=int, default=None,
+                        help="--paged: the pool's pages for the samples (default: every slot's worst case)")
     args = parser.parse_args()
 
     model, tokenizer = load_model("gemma3-270m", dtype=jnp.float32, param_dtype=jnp.float32, scan_layers=False)
@@ -132,7 +138,7 @@ def main() -> None:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=1.0),
                               stop_token_ids=stops, min_prompt_bucket=8, sample_keys=True,
                               stop_sequences=stop_token_sequences((STOP,), encode, decode))
-    runs = {"static": static_rollout, "continuous": continuous_rollout} | ({"paged": paged_rollout} if args.paged else {})
+    runs = {"static": static_rollout, "continuous": continuous_rollout} | ({"paged": functools.partial(paged_rollout, pages=args.kv_pages)} if args.paged else {})
     times: dict[str, list[float]] = {k: [] for k in runs}
     useful: dict[str, list[int]] = {k: [] for k in runs}
     lengths: dict[str, np.ndarray] = {}
@@ -182,7 +188,7 @@ def main() -> None:
         "mean_useful_length": {k: float(v.mean()) for k, v in lengths.items()},
     }
     if args.paged:
-        out |= {"paged_useful_tok_s_median": rate["paged"], "paged_over_continuous_ratio": rate["paged"] / rate["continuous"],
+        out |= {"kv_pages": args.kv_pages, "paged_useful_tok_s_median": rate["paged"], "paged_over_continuous_ratio": rate["paged"] / rate["continuous"],
                 "paged_identical_to_continuous_fraction": paged_identical}
     print(json.dumps(out, indent=1))
     if args.json:

@@ -111,20 +111,25 @@ def sampler_row(slots: int | None) -> dict:
 # device for now): (name, recipe, topology, overrides); every sample has a slot.
 PAGED = [
     ("Gemma 3 270M GRPO, 16 prompts x 8, 256 + 512 tokens", "configs/grpo/gemma3-270m-math.yaml", "v5e:1x1",
-     ["rollout.prompts_per_step=16", "rollout.samples_per_prompt=8", "rollout.max_new_tokens=512"]),
+     ["rollout.prompts_per_step=16", "rollout.samples_per_prompt=8", "rollout.max_new_tokens=512"],
+     4224 // 4),  # a quarter of the 128 slots' worst case (33 pages each)
     ("Qwen2.5 7B GRPO, 8 prompts x 8, 1024 + 2048 tokens", "configs/grpo/qwen2.5-7b-math.yaml", "v6e:1x1",
-     ["rollout.prompts_per_step=8", "rollout.samples_per_prompt=8"]),
+     ["rollout.prompts_per_step=8", "rollout.samples_per_prompt=8"], 8256 // 4),  # 64 slots x 129 pages / 4
 ]
 
 
-def paged_row(name: str, recipe: str, topology: str, overrides: list[str], kv_cache: str) -> dict:
-    """The continuous sampler's decode loop with the `kv_cache` slot cache: its temporaries (the slots'
-    cache or the page pool), the resident prompts' cache, and its Pallas kernel calls."""
+def paged_row(name: str, recipe: str, topology: str, overrides: list[str], kv_cache: str,
+              kv_pages: int | None = None) -> dict:
+    """The continuous sampler's decode loop with the `kv_cache` slot cache (paged: kv_pages for the samples,
+    None every slot's worst case): its temporaries (the slots' cache or the page pool), the resident
+    prompts' cache, and its Pallas kernel calls."""
     started = time.perf_counter()
-    cfg = load_config(TrainConfig, recipe, [*overrides, "rollout.batching=continuous", f"rollout.kv_cache={kv_cache}"])
+    pages = [] if kv_pages is None else [f"rollout.kv_pages={kv_pages}"]
+    cfg = load_config(TrainConfig, recipe, [*overrides, "rollout.batching=continuous", f"rollout.kv_cache={kv_cache}",
+                                            *pages])
     r = abstract_recipe(cfg, tpu_topology(topology))
     _, decode = compile_sampler(r)
-    return {"name": name, "kv_cache": kv_cache, "topology": topology, "note": decode.note,
+    return {"name": name, "kv_cache": kv_cache, "kv_pages": kv_pages, "topology": topology, "note": decode.note,
             "kv_cache_bytes": r.resident["KV cache"], "decode_temp_bytes": decode.temp_bytes,
             "decode_peak_bytes": decode.peak_bytes(r.resident), "kernels": decode.kernels,
             "hbm_bytes": r.topology.hbm_bytes, "error": decode.error, "wall_s": time.perf_counter() - started}
@@ -133,7 +138,8 @@ def paged_row(name: str, recipe: str, topology: str, overrides: list[str], kv_ca
 def paged_table(rows: list[dict]) -> str:
     lines = ["| continuous sampler | chip | KV cache | resident prompts' cache | decode-loop temporaries | "
              "Pallas calls in the loop |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['name']} | {r['topology']} | {r['kv_cache']} | {r['kv_cache_bytes'] / GiB:.2f} GiB | "
+    kind = lambda r: r["kv_cache"] + ("" if r.get("kv_pages") is None else f", {r['kv_pages']} pages")
+    lines += [f"| {r['name']} | {r['topology']} | {kind(r)} | {r['kv_cache_bytes'] / GiB:.2f} GiB | "
               f"{r['decode_temp_bytes'] / GiB:.2f} GiB | {r['kernels']}{' (' + r['error'] + ')' if r['error'] else ''} |"
               for r in rows]
     return "\n".join(lines)
@@ -233,10 +239,10 @@ def main(argv: list[str] | None = None) -> int:
         print(sampler_table(results["sampler"]))
     if args.paged:
         results["paged"] = []
-        for name, recipe, topology, overrides in PAGED:
-            for kv_cache in ("dense", "paged"):
-                print(f"[compile_at_scale] {name}, {kv_cache} ...", file=sys.stderr, flush=True)
-                results["paged"].append(paged_row(name, recipe, topology, overrides, kv_cache))
+        for name, recipe, topology, overrides, quarter in PAGED:
+            for kv_cache, kv_pages in (("dense", None), ("paged", None), ("paged", quarter)):
+                print(f"[compile_at_scale] {name}, {kv_cache} {kv_pages or ''} ...", file=sys.stderr, flush=True)
+                results["paged"].append(paged_row(name, recipe, topology, overrides, kv_cache, kv_pages))
                 _write(args.json, results)
         print(paged_table(results["paged"]))
     print(recipe_table(results.get("recipes", [])))

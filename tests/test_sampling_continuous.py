@@ -14,7 +14,7 @@ import pytest
 from pf_jax.config.errors import ConfigError
 from pf_jax.models.logprobs import sequence_logprobs
 from pf_jax.sampling import GenerationConfig, SamplingParams, generate
-from pf_jax.sampling.continuous import _decode_continuous, check_kv_memory, kv_cache_bytes
+from pf_jax.sampling.continuous import _decode_continuous, check_kv_memory, continuous_call, kv_cache_bytes
 from pf_jax.sampling.slot_caches import DenseSlots, PagedSlots
 from tests.test_sampling_generate import LOGP_TOLERANCE, count_compilations, tiny_model
 from tests.test_user_errors import train_fails
@@ -64,17 +64,20 @@ def test_continuous_returns_the_static_samples_whatever_the_slot_count(arch, par
     assert np.all(np.asarray(continuous.policy_logprobs)[~response] == 0)
 
 
-@pytest.mark.parametrize(("arch", "page_size", "pools"), [("llama", 4, (None, 6)), ("gemma3", 3, (5,))])
+@pytest.mark.parametrize(("arch", "page_size", "pools"), [("llama", 4, (None, 4)), ("gemma3", 3, (5,))])
 def test_paged_cache_returns_the_dense_samples(arch, page_size, pools):
-    """Shared prompt pages, a pool that holds every slot's reserve (None) or one sample's (6 pages of 4
-    tokens for 12 new ones; gemma3: 5 of 3, its sliding window binding): the dense cache's tokens, lengths
-    and finish reasons, log-probs to float32 rounding (the attention sums over other padding)."""
+    """Shared prompt pages, a pool that holds every slot's worst case (None) or one sample's (4 pages of 4
+    tokens for 12 new ones; gemma3: 5 of 3, its sliding window binding), so that growing samples preempt
+    the youngest, which start again: the dense cache's tokens, lengths and finish reasons, log-probs to
+    float32 rounding (the attention sums over other padding)."""
     model = tiny_model(arch, seed=1)
     config = dataclasses.replace(static_config(temperature=1.0), batching="continuous", slots=4)
     dense = generate(model, PROMPTS, jax.random.key(7), config, n=3)
     for pages in pools:
-        paged = generate(model, PROMPTS, jax.random.key(7),
-                         dataclasses.replace(config, kv_cache="paged", page_size=page_size, kv_pages=pages), n=3)
+        paged_config = dataclasses.replace(config, kv_cache="paged", page_size=page_size, kv_pages=pages)
+        paged = generate(model, PROMPTS, jax.random.key(7), paged_config, n=3)
+        args, kwargs, _ = continuous_call(model, PROMPTS, jax.random.key(7), paged_config.resolved(model), n=3)
+        assert (int(_decode_continuous(*args, **kwargs)["preempted"]) > 0) == (pages is not None)
         for name in ("tokens", "response_mask", "lengths", "finish_reason"):
             np.testing.assert_array_equal(np.asarray(getattr(paged, name)), np.asarray(getattr(dense, name)), name)
         np.testing.assert_allclose(np.asarray(paged.policy_logprobs), np.asarray(dense.policy_logprobs),

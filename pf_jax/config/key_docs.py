@@ -92,7 +92,7 @@ KEY_DOCS: dict[str, str] = {
     "rollout.slots": "continuous batching: rows decoded at once (null: one per sample)",
     "rollout.kv_cache": "continuous batching's KV cache: dense (a row per slot) or paged (shared prompt pages)",
     "rollout.page_size": "kv_cache=paged: tokens per page",
-    "rollout.kv_pages": "kv_cache=paged: pages for the samples (null: every slot's worst case)",
+    "rollout.kv_pages": "kv_cache=paged: pages for the samples (null: every slot's worst case; fewer: preemption)",
     "rollout.mode": "sync | async (the next steps' rollouts sampled on a thread while this step updates)",
     "rollout.max_staleness": "async: how many updates older than the learner a rollout's policy is (0: sync)",
     "rollout.tis_cap": "async: truncation C of the importance weight min(pi_before / pi_sampler, C); null: no correction",

@@ -143,9 +143,10 @@ class RolloutSection(Section):
     shard's slots take the samples of its own prompts.
     kv_cache: where continuous batching keeps the slots' keys and values: `dense`, a row of prompt bucket +
     max_new_tokens per slot; `paged`, one pool of page_size-token pages (pf_jax.sampling.slot_caches): a
-    prompt's pages are shared by its samples, and a sample takes its pages when admitted and frees them
-    when it ends. kv_pages: the pool's pages for the samples (null: every slot's worst case); with fewer,
-    samples wait for pages as they wait for slots. Paged runs on one device for now.
+    prompt's pages are shared by its samples, a sample takes a page each time it writes past its pages and
+    frees them when it ends. kv_pages: the pool's pages for the samples (null: every slot's worst case, at
+    least one sample's); with fewer, the youngest samples are preempted when pages run out and start again
+    later, drawing the same tokens, so memory follows the tokens held. Paged runs on one device for now.
     mode: `sync` samples each step's rollout with the policy being updated; `async` samples step s + k's
     rollout (k = max_staleness) with the policy of step s on a background thread while step s updates
     (pf_jax.training.async_rollouts). Losses then take the ratio against the policy before the update and

@@ -18,8 +18,10 @@ samples stay those of one device, whichever slot draws them.
 
 With GenerationConfig.kv_cache "paged" (one device), the slots keep their keys and values in a pool of
 pages instead (pf_jax.sampling.slot_caches.PagedSlots): each prompt's pages are written once and shared
-by its samples, a sample takes its own pages when admitted and frees them when it ends, and the tokens
+by its samples, a sample takes a page each time it writes past its pages and frees them when it ends;
+when pages run out the youngest samples are preempted and start again later (the same draws). The tokens
 and lengths are the dense cache's (log-probs to float rounding: the attention sums over other padding).
+The paged loop also returns how many preemptions there were (out["preempted"]).
 
 Static shapes: the loop's buffers have the prompt count and the sample count rounded up to powers of
 two, so runs with other counts in the same bucket reuse its program.
@@ -63,6 +65,7 @@ def continuous_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: A
     """generate(..., n) with config.batching "continuous" (unrolled layers; see the module docstring)."""
     args, kwargs, (layout, tokens, mask) = continuous_call(model, prompts, key, config, n=n, first_sample=first_sample)
     out = _decode_continuous(*args, **kwargs)
+    out.pop("preempted", None)
     return layout.result(out, tokens, mask, num_prompts=len(prompts), n=n)
 
 
@@ -156,7 +159,7 @@ def _decode_continuous(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, 
     model = nnx.merge(graphdef, state)
     ops = layout.decode_ops(model.ops.on_mesh(layout.mesh), packed)
     steps, kv = config.max_new_tokens, SLOT_CACHES[config.kv_cache](config, prompt["k"].shape[2])
-    kv_state = kv.init(model, slots, prompt)
+    kv_state = kv.init(model, slots, prompt, capacity)
     kv_state["cache"] = layout.constrain_cache(kv_state["cache"])
     rows = layout.constrain_rows(dict(hidden=jnp.zeros((slots, hidden.shape[-1]), hidden.dtype),
                                       sample=jnp.full((slots,), capacity, jnp.int32), j=jnp.zeros((slots,), jnp.int32),
@@ -167,14 +170,16 @@ def _decode_continuous(graphdef: nnx.GraphDef, state: nnx.State, hidden: Array, 
     admit = _sharded_admit(layout, capacity, kv)
 
     def step(c: dict) -> dict:
+        c = kv.grow(c)
         at = jnp.maximum(c["prompt_length"] + c["j"] - 1, 0)
         h, cache = model(c["last"][:, None], at[:, None], None, kv.for_step(c), ops=ops)
         c = admit(dict(c, cache=layout.constrain_cache(cache), hidden=h[:, 0]), prompt, hidden, n)
         out = _emit(model, ops, c, key, first_sample, config, layout)
         return kv.release(out, c["running"] & ~out["running"])
 
-    carry = jax.lax.while_loop(lambda c: jnp.any(c["running"]) | jnp.any(c["next"] < c["queued"]), step, carry)
-    return carry["out"]
+    more = lambda c: jnp.any(c["running"]) | jnp.any(c["next"] < c["queued"]) | kv.pending(c)
+    carry = jax.lax.while_loop(more, step, carry)
+    return dict(carry["out"], **{k: carry[k] for k in ("preempted",) if k in carry})
 
 
 def _shard_queues(prompts: Array, n: Array, rows: int, layout: RowLayout) -> dict[str, Array]:
@@ -221,17 +226,21 @@ def _admit(c: dict, prompt: dict[str, Array], prompt_hidden: Array, n: Array, ca
     slots left free become idle (sample = capacity). One select per slot row, no dynamic row index."""
     free = ~c["running"]
     rank = jnp.cumsum(free.astype(jnp.int32)) - 1  # a free slot's place among the free slots
-    admitted = free & (rank < jnp.minimum(c["queued"][0] - c["next"][0], kv.admissible(c)))
+    retry, retries = kv.retries(c)  # preempted samples first (their shard-local indexes), then the queue
+    admitted = free & (rank < jnp.minimum(retries + c["queued"][0] - c["next"][0], kv.admissible(c)))
+    retried = admitted & (rank < retries)
 
     def admit(c: dict) -> dict:
-        waiting = c["next"][0] + rank  # the shard's own sample index: its j-th prompt's i-th sample
+        # the shard's own sample index: its j-th prompt's i-th sample
+        waiting = jnp.where(retried, retry[jnp.clip(rank, 0, rank.shape[0] - 1)], c["next"][0] + rank - retries)
         row = jnp.minimum(waiting // n, prompt_hidden.shape[0] - 1)
         sample = (row * shards + shard) * n + waiting % n
-        c = kv.admit(c, admitted, row, prompt)
+        c = kv.admit(c, admitted, row, prompt, retried, waiting)
         return dict(c, hidden=jnp.where(admitted[:, None], prompt_hidden[row], c["hidden"]),
                     prompt_length=jnp.where(admitted, prompt["lengths"][row], c["prompt_length"]),
                     sample=jnp.where(admitted, sample, c["sample"]), j=jnp.where(admitted, 0, c["j"]),
-                    running=c["running"] | admitted, next=c["next"] + jnp.sum(admitted, dtype=jnp.int32))
+                    running=c["running"] | admitted,
+                    next=c["next"] + jnp.sum(admitted & ~retried, dtype=jnp.int32))
 
     c = jax.lax.cond(jnp.any(admitted), admit, lambda c: c, c)
     return dict(c, sample=jnp.where(c["running"], c["sample"], capacity))

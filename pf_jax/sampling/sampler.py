@@ -69,7 +69,8 @@ class GenerationConfig:
     sample_keys: bool = False  # draws keyed by (key, sample id, token index), as continuous batching's are
     kv_cache: str = "dense"  # continuous: the slots' keys and values (pf_jax.sampling.slot_caches): "dense" | "paged"
     page_size: int = 16  # kv_cache "paged": tokens per page
-    kv_pages: int | None = None  # kv_cache "paged": pages for the samples (None: every slot's worst case)
+    kv_pages: int | None = None  # kv_cache "paged": pages for the samples (None: every slot's worst case; fewer:
+    # the youngest samples are preempted when pages run out, and start again)
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

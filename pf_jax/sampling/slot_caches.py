@@ -4,20 +4,25 @@
                 copies its prompt's cache slots into the row (prompt left-padded, as the static sampler's)
     PagedSlots  "paged": one pool of pages (pf_jax.models.paged). The prompts are written once, right-aligned,
                 into the pool's first pages; a sample's page table starts with its prompt's full pages
-                (shared by the prompt's n samples) and goes on with `reserve` pages of its own, taken from
-                the free pages when it is admitted (a copy of the prompt's last, partial page first) and
-                given back when it ends. A sample waits for pages as it waits for a slot, so the pool
-                (GenerationConfig.kv_pages) may hold fewer than slots x reserve pages: memory then follows
-                the samples decoding, not the slots.
+                (shared by the prompt's n samples), then a copy of the prompt's last, partial page taken
+                when it is admitted, then one more free page each time it writes past its pages; it gives
+                them back when it ends. When a step's growing samples need more pages than are free, the
+                youngest running samples (highest ids) are preempted: their pages freed, they start again
+                later and draw the same tokens (keyed by sample and position). The pool
+                (GenerationConfig.kv_pages, at least one sample's worst case) may hold far fewer pages than
+                slots x worst case: memory then follows the tokens held, not the slots.
 
-Both keep what the decode loop needs in its carry under "cache" (and "free_pages", "own" for pages) and
-are static (hashable) parts of the loop's program.
+Both keep what the decode loop needs in its carry under "cache" (and, for pages, the free pages, each
+slot's own pages, the preempted samples) and are static (hashable) parts of the loop's program. The loop
+calls: init, admissible / retries / admit (when slots are free), grow (before each decode step), for_step,
+release (when samples end), pending (whether preempted samples wait).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 from jax import Array
 
@@ -44,7 +49,7 @@ class DenseSlots:
     prompt_len: int
     steps: int
 
-    def init(self, model, slots: int, prompt: dict[str, Array]) -> dict[str, Array]:
+    def init(self, model, slots: int, prompt: dict[str, Array], capacity: int) -> dict[str, Array]:
         return dict(cache=KVCache.init(model.cfg, slots, self.prompt_len + self.steps, model.dtype, per_row=True))
 
     def memory(self, model, slots: int, prompts: int) -> tuple[int, str]:
@@ -60,7 +65,18 @@ class DenseSlots:
         """How many samples the cache can take now (any: a slot is a row)."""
         return c["j"].shape[0]
 
-    def admit(self, c: dict, admitted: Array, row: Array, prompt: dict[str, Array]) -> dict:
+    def retries(self, c: dict) -> tuple[Array, Array]:
+        """(samples waiting to start again, their count): none, a dense slot is never preempted."""
+        return jnp.zeros(c["running"].shape, jnp.int32), jnp.int32(0)
+
+    def pending(self, c: dict) -> Array:
+        return jnp.bool_(False)
+
+    def grow(self, c: dict) -> dict:
+        return c
+
+    def admit(self, c: dict, admitted: Array, row: Array, prompt: dict[str, Array], retried: Array,
+              waiting: Array) -> dict:
         """The admitted slots' rows hold their prompts' cache slots."""
         cache, P = c["cache"], self.prompt_len
         k = cache.k.at[:, :, :P].set(_where_rows(admitted, prompt["k"][:, row], cache.k[:, :, :P], 1))
@@ -76,7 +92,7 @@ class DenseSlots:
 @dataclasses.dataclass(frozen=True)
 class PagedSlots:
     """See the module doc. prompt_len: the prompt bucket; steps: max_new_tokens; pages: the pool's pages
-    beyond the prompts' (None: every slot's reserve)."""
+    beyond the prompts' (None: every slot's worst case, `reserve`; at least one sample's)."""
 
     prompt_len: int
     steps: int
@@ -97,14 +113,15 @@ class PagedSlots:
 
     @property
     def reserve(self) -> int:
-        """Pages a sample takes: its prompt's partial page and every response token, at most."""
+        """The most pages a sample takes: its prompt's partial page and every response token."""
         return pages_for(self.page_size - 1 + self.steps, self.page_size)
 
     def pool_pages(self, slots: int) -> int:
         return self.reserve * slots if self.pages is None else self.pages
 
-    def init(self, model, slots: int, prompt: dict[str, Array]) -> dict[str, Array]:
-        """The pool: the prompts' pages, then the free pages, then the scratch page."""
+    def init(self, model, slots: int, prompt: dict[str, Array], capacity: int) -> dict[str, Array]:
+        """The pool (the prompts' pages, then the free pages, then the scratch page), each slot's own pages
+        and their count, the preempted samples (by id < capacity) and how many preemptions."""
         rows, free = prompt["k"].shape[1], self.pool_pages(slots)
         cache = PagedKVCache.init(model.cfg, slots, self.prompt_pages + self.reserve, rows * self.prompt_pages + free,
                                   self.page_size, model.dtype)
@@ -113,7 +130,9 @@ class PagedSlots:
                               v=cache.v.at[:, :, : held[1].shape[2]].set(held[1]))
         is_free = jnp.arange(cache.scratch + 1) >= rows * self.prompt_pages
         return dict(cache=cache, free_pages=is_free & (jnp.arange(cache.scratch + 1) < cache.scratch),
-                    own=jnp.full((slots, self.reserve), cache.scratch, jnp.int32))
+                    own=jnp.full((slots, self.reserve), cache.scratch, jnp.int32),
+                    held=jnp.zeros((slots,), jnp.int32), requeued=jnp.zeros((capacity,), bool),
+                    preempted=jnp.int32(0))
 
     def memory(self, model, slots: int, prompts: int) -> tuple[int, str]:
         """(bytes of the pool's keys and values, how they add up)."""
@@ -127,40 +146,87 @@ class PagedSlots:
         return c["cache"].replace(lengths=c["prompt_length"] + jnp.maximum(c["j"] - 1, 0))
 
     def admissible(self, c: dict) -> Array:
-        """Samples whose reserve the free pages hold."""
-        return jnp.sum(c["free_pages"], dtype=jnp.int32) // self.reserve
+        """Samples the free pages take now: one page each (the prompt's partial page), keeping one page of
+        headroom per running sample."""
+        return jnp.maximum(jnp.sum(c["free_pages"], dtype=jnp.int32) - jnp.sum(c["running"], dtype=jnp.int32), 0)
 
-    def admit(self, c: dict, admitted: Array, row: Array, prompt: dict[str, Array]) -> dict:
-        """Each admitted slot takes `reserve` free pages (lowest first, in slot order) and a page table of
-        its prompt's full pages then its own; its first own page gets a copy of the prompt's partial page."""
-        cache, R, ps = c["cache"], self.reserve, self.page_size
-        slots = admitted.shape[0]
+    def retries(self, c: dict) -> tuple[Array, Array]:
+        """(the preempted samples waiting to start again, lowest first, [slots]; their count, at most slots)."""
+        slots = c["running"].shape[0]
+        ids = jnp.nonzero(c["requeued"], size=slots, fill_value=0)[0].astype(jnp.int32)
+        return ids, jnp.minimum(jnp.sum(c["requeued"], dtype=jnp.int32), slots)
+
+    def pending(self, c: dict) -> Array:
+        return jnp.any(c["requeued"])
+
+    def admit(self, c: dict, admitted: Array, row: Array, prompt: dict[str, Array], retried: Array,
+              waiting: Array) -> dict:
+        """Each admitted slot takes one free page (lowest first, in slot order), a copy of its prompt's
+        partial page, and a page table of its prompt's full pages then that page."""
+        cache, ps = c["cache"], self.page_size
         rank = jnp.cumsum(admitted.astype(jnp.int32)) - 1
-        free_ids = jnp.nonzero(c["free_pages"], size=slots * R, fill_value=cache.scratch)[0]
-        mine = free_ids[jnp.clip(rank[:, None] * R + jnp.arange(R), 0, slots * R - 1)]
-        own = jnp.where(admitted[:, None], mine, c["own"])
-        taken = jnp.where(admitted[:, None], mine, cache.scratch + 1)  # out of range: dropped
-        free_pages = c["free_pages"].at[taken].set(False, mode="drop")
+        page = self._take(c["free_pages"], admitted, rank, cache.scratch)
         full = prompt["lengths"][row] // ps  # the prompt's full pages, shared
         t = jnp.arange(cache.pages.shape[1])
-        first = row[:, None] * self.prompt_pages
-        table = jnp.where(t < full[:, None], first + t,
-                          jnp.take_along_axis(own, jnp.clip(t - full[:, None], 0, R - 1), 1))
-        table = jnp.where(t - full[:, None] < R, table, cache.scratch)
-        partial = first[:, 0] + jnp.minimum(full, self.prompt_pages - 1)
-        dst = jnp.where(admitted, own[:, 0], cache.scratch + 1)
+        first = row * self.prompt_pages
+        table = jnp.where(t < full[:, None], first[:, None] + t, jnp.where(t == full[:, None], page[:, None],
+                                                                           cache.scratch))
+        partial = first + jnp.minimum(full, self.prompt_pages - 1)
+        dst = jnp.where(admitted, page, cache.scratch + 1)  # out of range: dropped
         copy = lambda pool: pool.at[:, :, dst].set(pool[:, :, partial], mode="drop")
-        cache = cache.replace(k=copy(cache.k), v=copy(cache.v),
-                              pages=jnp.where(admitted[:, None], table, cache.pages))
-        return dict(c, cache=cache, own=own, free_pages=free_pages)
+        own = jnp.full_like(c["own"], cache.scratch).at[:, 0].set(page)
+        return dict(c, cache=cache.replace(k=copy(cache.k), v=copy(cache.v),
+                                           pages=jnp.where(admitted[:, None], table, cache.pages)),
+                    own=jnp.where(admitted[:, None], own, c["own"]), held=jnp.where(admitted, 1, c["held"]),
+                    free_pages=c["free_pages"].at[dst].set(False, mode="drop"),
+                    requeued=c["requeued"].at[jnp.where(retried, waiting, c["requeued"].shape[0])].set(
+                        False, mode="drop"))
+
+    def grow(self, c: dict) -> dict:
+        """Before a decode step: each running slot about to write past its pages takes a free page; while
+        the free pages are too few, the running sample of the highest id (the youngest) is preempted: its
+        pages freed, it starts again later (its tokens are keyed by sample and position, so it draws them
+        again). The oldest sample always goes on, so every sample ends."""
+        ps, slots = self.page_size, c["running"].shape[0]
+        written = (c["prompt_length"] + jnp.maximum(c["j"] - 1, 0)) // ps  # the page this step writes
+        need = lambda c: c["running"] & (written >= c["prompt_length"] // ps + c["held"])
+
+        def preempt(c: dict) -> dict:
+            victim = jnp.arange(slots) == jnp.argmax(jnp.where(c["running"], c["sample"], -1))
+            requeued = c["requeued"].at[jnp.where(victim, c["sample"], c["requeued"].shape[0])].set(True, mode="drop")
+            return dict(self._free(c, victim), running=c["running"] & ~victim, requeued=requeued,
+                        preempted=c["preempted"] + 1)
+
+        c = jax.lax.while_loop(lambda c: jnp.sum(need(c)) > jnp.sum(c["free_pages"]), preempt, c)
+        grows = need(c)
+        cache, rows = c["cache"], jnp.arange(slots)
+        page = self._take(c["free_pages"], grows, jnp.cumsum(grows.astype(jnp.int32)) - 1, cache.scratch)
+        at = jnp.minimum(c["prompt_length"] // ps + c["held"], cache.pages.shape[1] - 1)
+        own_at = jnp.minimum(c["held"], self.reserve - 1)
+        return dict(c, cache=cache.replace(pages=cache.pages.at[rows, at].set(
+                        jnp.where(grows, page, cache.pages[rows, at]))),
+                    own=c["own"].at[rows, own_at].set(jnp.where(grows, page, c["own"][rows, own_at])),
+                    held=c["held"] + grows.astype(jnp.int32),
+                    free_pages=c["free_pages"].at[jnp.where(grows, page, cache.scratch + 1)].set(False, mode="drop"))
 
     def release(self, c: dict, ended: Array) -> dict:
         """Slots whose sample ended give their pages back and point at the scratch page."""
+        return self._free(c, ended)
+
+    @staticmethod
+    def _take(free_pages: Array, taking: Array, rank: Array, scratch: int) -> Array:
+        """The free page each taking slot gets (the rank-th lowest free page; scratch for the others)."""
+        ids = jnp.nonzero(free_pages, size=taking.shape[0], fill_value=scratch)[0].astype(jnp.int32)
+        return jnp.where(taking, ids[jnp.clip(rank, 0, taking.shape[0] - 1)], scratch)
+
+    @staticmethod
+    def _free(c: dict, rows: Array) -> dict:
+        """The slots `rows` with their own pages freed and their tables on the scratch page."""
         cache = c["cache"]
-        back = jnp.where(ended[:, None], c["own"], cache.scratch + 1)
+        back = jnp.where(rows[:, None] & (c["own"] != cache.scratch), c["own"], cache.scratch + 1)  # never scratch
         return dict(c, free_pages=c["free_pages"].at[back].set(True, mode="drop"),
-                    own=jnp.where(ended[:, None], cache.scratch, c["own"]),
-                    cache=cache.replace(pages=jnp.where(ended[:, None], cache.scratch, cache.pages)))
+                    own=jnp.where(rows[:, None], cache.scratch, c["own"]), held=jnp.where(rows, 0, c["held"]),
+                    cache=cache.replace(pages=jnp.where(rows[:, None], cache.scratch, cache.pages)))
 
 
 def _right_aligned_pages(kv: Array, lengths: Array, page_size: int) -> Array:
