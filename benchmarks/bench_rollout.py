@@ -86,18 +86,9 @@ def static_rollout(model, ids, key, config, n, slots):
     return results, sum(int(r.lengths.max()) for r in results)
 
 
-def continuous_rollout(model, ids, key, config, n, slots):
-    result = generate(model, ids, key, dataclasses.replace(config, batching="continuous", slots=slots), n=n)
-    jax.block_until_ready(result.tokens)
-    return [result], None
-
-
-def paged_rollout(model, ids, key, config, n, slots, pages=None):
-    """continuous_rollout with the paged KV cache (rollout.kv_cache=paged, 16-token pages; `pages` for the
-    samples, None: every slot's worst case)."""
-    paged = dataclasses.replace(config, batching="continuous", slots=slots, kv_cache="paged", page_size=16,
-                                kv_pages=pages)
-    result = generate(model, ids, key, paged, n=n)
+def continuous_rollout(model, ids, key, config, n, slots, **cache):
+    """One continuous call of `slots` rows (cache: the slot cache's settings, e.g. kv_cache="paged")."""
+    result = generate(model, ids, key, dataclasses.replace(config, batching="continuous", slots=slots, **cache), n=n)
     jax.block_until_ready(result.tokens)
     return [result], None
 
@@ -138,7 +129,8 @@ def main() -> None:
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, sampling=SamplingParams(temperature=1.0),
                               stop_token_ids=stops, min_prompt_bucket=8, sample_keys=True,
                               stop_sequences=stop_token_sequences((STOP,), encode, decode))
-    runs = {"static": static_rollout, "continuous": continuous_rollout} | ({"paged": functools.partial(paged_rollout, pages=args.kv_pages)} if args.paged else {})
+    paged = functools.partial(continuous_rollout, kv_cache="paged", page_size=16, kv_pages=args.kv_pages)
+    runs = {"static": static_rollout, "continuous": continuous_rollout} | ({"paged": paged} if args.paged else {})
     times: dict[str, list[float]] = {k: [] for k in runs}
     useful: dict[str, list[int]] = {k: [] for k in runs}
     lengths: dict[str, np.ndarray] = {}

@@ -110,7 +110,7 @@ def test_tiny_recipe_compiles_every_program_and_fits(tiny_plan):
 def test_continuous_batching_plans_its_own_decode_loop(tiny_plan):
     """rollout.batching=continuous compiles the loop the run takes (continuous._decode_continuous): each
     prompt prefilled once, the prompts' cache resident, the slots' cache inside the loop."""
-    from pf_jax.sampling.continuous import kv_cache_bytes
+    from pf_jax.sampling.slot_caches import kv_bytes
 
     cfg = load_config(TrainConfig, "configs/default.yaml", [*TINY, "rollout.batching=continuous", "rollout.slots=6"])
     plan = compile_recipe(cfg, "v5e:2x2")
@@ -119,8 +119,8 @@ def test_continuous_batching_plans_its_own_decode_loop(tiny_plan):
     decode, static = plan.programs[-1], tiny_plan[1]
     assert "8 slots" in decode.note and "continuous batching" in decode.note  # 6 rounded up to the 4 row shards
     model, s = compiled_plan.abstract_decoder(cfg, scan_layers=False), plan.sizes
-    slots = kv_cache_bytes(model, 8, s.prompt_len + cfg.rollout.max_new_tokens) // 4  # per device
-    prompts = kv_cache_bytes(model, 4, s.prompt_len) // 4  # 4 prompts, their first prompt-bucket slots
+    slots = kv_bytes(model, 8 * (s.prompt_len + cfg.rollout.max_new_tokens)) // 4  # per device
+    prompts = kv_bytes(model, 4 * s.prompt_len) // 4  # 4 prompts, their first prompt-bucket slots
     assert prompts <= plan.resident["KV cache"] < static.resident["KV cache"]
     assert decode.temp_bytes >= slots  # the slots' cache is the loop's own
     assert plan.fits

@@ -14,8 +14,8 @@ import pytest
 from pf_jax.config.errors import ConfigError
 from pf_jax.models.logprobs import sequence_logprobs
 from pf_jax.sampling import GenerationConfig, SamplingParams, generate
-from pf_jax.sampling.continuous import _decode_continuous, check_kv_memory, continuous_call, kv_cache_bytes
-from pf_jax.sampling.slot_caches import DenseSlots, PagedSlots
+from pf_jax.sampling.continuous import _decode_continuous, check_kv_memory, continuous_call
+from pf_jax.sampling.slot_caches import DenseSlots, PagedSlots, kv_bytes
 from tests.test_sampling_generate import LOGP_TOLERANCE, count_compilations, tiny_model
 from tests.test_user_errors import train_fails
 
@@ -123,14 +123,14 @@ def test_slots_must_be_positive():
 
 def test_kv_memory_check_names_the_sizes():
     model = tiny_model("llama")
-    need = kv_cache_bytes(model, 8, 16 + 32)
+    need = kv_bytes(model, 8 * (16 + 32))
     check_kv_memory(model, DenseSlots(16, 32), 8, 2, free=need)  # fits exactly
     with pytest.raises(ConfigError, match=r"rollout.slots=8 needs a KV cache .*8 slots x \(16 prompt \+ 32 new tokens\)"):
         check_kv_memory(model, DenseSlots(16, 32), 8, 2, free=need - 1)
     paged = PagedSlots(16, 32, page_size=8, pages=20)  # 2 prompts x 2 pages + 20 + 1 scratch, of 8 tokens each
-    check_kv_memory(model, paged, 8, 2, free=kv_cache_bytes(model, 25, 8))
+    check_kv_memory(model, paged, 8, 2, free=kv_bytes(model, 25 * 8))
     with pytest.raises(ConfigError, match=r"25 pages of 8 tokens \(2 prompts x 2 \+ 20 for the samples \+ 1 scratch\)"):
-        check_kv_memory(model, paged, 8, 2, free=kv_cache_bytes(model, 25, 8) - 1)
+        check_kv_memory(model, paged, 8, 2, free=kv_bytes(model, 25 * 8) - 1)
 
 
 def test_train_refuses_non_positive_slots(capsys, tmp_path):

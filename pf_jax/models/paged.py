@@ -6,7 +6,7 @@ its tokens through its own page table (Kwon et al. 2023, vLLM's PagedAttention).
                                                at offset s % page_size
     lengths   int32 [B]                        tokens row b holds (its next token's slot)
 
-A row's tokens are right-aligned from slot 0, so slot s holds the token at RoPE position s: no validity or
+A row's tokens start at slot 0 (no left padding), so slot s holds the token at RoPE position s: no validity or
 position arrays, a row is valid on [0, length). Rows may share pages (the n samples of one prompt read the
 prompt's full pages; pf_jax.sampling.continuous), which a dense cache of rows x max length cannot.
 

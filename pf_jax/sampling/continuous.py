@@ -57,7 +57,7 @@ from pf_jax.sampling.sampler import (
     sample_rows,
     sample_step_keys,
 )
-from pf_jax.sampling.slot_caches import SLOT_CACHES, kv_bytes
+from pf_jax.sampling.slot_caches import SLOT_CACHES
 
 
 def continuous_generate(model: Decoder, prompts: Sequence[Sequence[int]], key: Array, config: GenerationConfig,
@@ -88,11 +88,6 @@ def continuous_call(model: Decoder, prompts: Sequence[Sequence[int]], key: Array
             decode_packing(model, layout, slots))
     kwargs = dict(config=config, layout=layout, slots=slots, capacity=bucket_length(samples, minimum=1))
     return args, kwargs, (layout, tokens, mask)
-
-
-def kv_cache_bytes(model: Decoder, rows: int, length: int) -> int:
-    """Bytes of a KV cache of `rows` rows of `length` slots (keys and values of every layer)."""
-    return kv_bytes(model, rows * length)
 
 
 def free_memory_bytes() -> int | None:

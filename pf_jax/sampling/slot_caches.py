@@ -2,7 +2,7 @@
 
     DenseSlots  "dense": a KVCache row of prompt bucket + max_new_tokens slots per slot; admitting a sample
                 copies its prompt's cache slots into the row (prompt left-padded, as the static sampler's)
-    PagedSlots  "paged": one pool of pages (pf_jax.models.paged). The prompts are written once, right-aligned,
+    PagedSlots  "paged": one pool of pages (pf_jax.models.paged). The prompts are written once, from slot 0,
                 into the pool's first pages; a sample's page table starts with its prompt's full pages
                 (shared by the prompt's n samples), then a copy of the prompt's last, partial page taken
                 when it is admitted, then one more free page each time it writes past its pages; it gives
@@ -108,7 +108,7 @@ class PagedSlots:
 
     @property
     def prompt_pages(self) -> int:
-        """Pages of one prompt (its bucket, right-aligned)."""
+        """Pages of one prompt (its bucket, from slot 0)."""
         return pages_for(self.prompt_len, self.page_size)
 
     @property
@@ -125,7 +125,7 @@ class PagedSlots:
         rows, free = prompt["k"].shape[1], self.pool_pages(slots)
         cache = PagedKVCache.init(model.cfg, slots, self.prompt_pages + self.reserve, rows * self.prompt_pages + free,
                                   self.page_size, model.dtype)
-        held = [_right_aligned_pages(prompt[name], prompt["lengths"], self.page_size) for name in ("k", "v")]
+        held = [_pages_from_slot_zero(prompt[name], prompt["lengths"], self.page_size) for name in ("k", "v")]
         cache = cache.replace(k=cache.k.at[:, :, : held[0].shape[2]].set(held[0]),
                               v=cache.v.at[:, :, : held[1].shape[2]].set(held[1]))
         is_free = jnp.arange(cache.scratch + 1) >= rows * self.prompt_pages
@@ -229,9 +229,9 @@ class PagedSlots:
                     cache=cache.replace(pages=jnp.where(rows[:, None], cache.scratch, cache.pages)))
 
 
-def _right_aligned_pages(kv: Array, lengths: Array, page_size: int) -> Array:
-    """The prompts' left-padded keys or values [L, rows, P, KVH, Dh] (lengths [rows]) right-aligned (token i
-    at slot i) and cut into pages: [L, KVH, rows x pages_for(P), page_size, Dh], prompt r's pages together."""
+def _pages_from_slot_zero(kv: Array, lengths: Array, page_size: int) -> Array:
+    """The prompts' left-padded keys or values [L, rows, P, KVH, Dh] (lengths [rows]) moved to start at slot 0
+    (token i at slot i) and cut into pages: [L, KVH, rows x pages_for(P), page_size, Dh], prompt r's pages together."""
     L, rows, P, kvh, dh = kv.shape
     slots = jnp.arange(P)[None, :] + (P - lengths)[:, None]  # [rows, P]; past a prompt's length: clipped
     aligned = jnp.take_along_axis(kv, jnp.minimum(slots, P - 1)[None, :, :, None, None], axis=2)
